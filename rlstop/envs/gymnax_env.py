@@ -1,0 +1,79 @@
+"""gymnax (>= 1.0) environments behind the interface the scan loops use.
+
+gymnax 1.0 ``step`` returns ``(obs, state, reward, terminated, truncated, info)`` and resets
+automatically; the observation it returns after an episode ends is the *next episode's* first
+observation, and the true last observation is ``info["final_observation"]``. The adapter hands
+both to the loops, which bootstrap from the true last observation on truncation and never
+across an episode boundary.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from rlstop.errors import UserError
+
+# Largest |reward| of one step: r_max in the soft-divergence bound r_max / (1 - gamma)
+# (van Hasselt et al. 2018).
+REWARD_BOUNDS = {
+    "CartPole-v1": 1.0,
+    "Acrobot-v1": 1.0,
+    "MountainCar-v0": 1.0,
+    "Pendulum-v1": 16.2736,  # pi^2 + 0.1 * 8^2 + 0.001 * 2^2
+    "MountainCarContinuous-v0": 100.0,
+}
+
+
+class Step(NamedTuple):
+    obs: jnp.ndarray          # observation to act on next (first obs of a new episode after a reset)
+    state: Any
+    reward: jnp.ndarray
+    terminated: jnp.ndarray   # the episode reached a terminal state: do not bootstrap
+    truncated: jnp.ndarray    # the time limit cut the episode: bootstrap from final_obs
+    final_obs: jnp.ndarray    # the true next observation of this transition
+
+
+class GymnaxEnv:
+    """One gymnax environment with its parameters fixed. Pure functions; the caller vmaps."""
+
+    backend = "gymnax"
+
+    def __init__(self, env_id: str):
+        import gymnax
+
+        if env_id not in gymnax.registered_envs:
+            raise UserError(
+                f"unknown gymnax env id {env_id!r}; try one of {', '.join(sorted(REWARD_BOUNDS))} "
+                "or set env.backend=gymnasium"
+            )
+        self.id = env_id
+        self._env, self.params = gymnax.make(env_id)
+        obs_space = self._env.observation_space(self.params)
+        self.obs_shape = tuple(obs_space.shape)
+        space = self._env.action_space(self.params)
+        self.discrete = hasattr(space, "n")
+        if self.discrete:
+            self.num_actions = int(space.n)
+        else:
+            self.action_shape = tuple(space.shape)
+            self.action_low = jnp.asarray(space.low, jnp.float32) * jnp.ones(space.shape)
+            self.action_high = jnp.asarray(space.high, jnp.float32) * jnp.ones(space.shape)
+        self.max_episode_steps = int(self.params.max_steps_in_episode)
+        self.reward_bound = REWARD_BOUNDS.get(env_id, 1.0)
+
+    def reset(self, key: jax.Array):
+        obs, state = self._env.reset(key, self.params)
+        return obs.astype(jnp.float32), state
+
+    def step(self, key: jax.Array, state: Any, action: jnp.ndarray) -> Step:
+        obs, state, reward, terminated, truncated, info = self._env.step(key, state, action, self.params)
+        return Step(
+            obs.astype(jnp.float32),
+            state,
+            reward.astype(jnp.float32),
+            terminated.astype(jnp.bool_),
+            jnp.logical_and(truncated, jnp.logical_not(terminated)),
+            info["final_observation"].astype(jnp.float32),
+        )

@@ -1,0 +1,263 @@
+"""Grid expansion, grouping by static signature, execution with resume.
+
+A sweep file (DESIGN.md)::
+
+    base: configs/dqn_cartpole.yaml
+    name: dqn_cartpole_switches
+    grid:
+      agent.stop_gradient_target: [true, false]
+      agent.target_network: [true, false]
+    set:
+      train.seeds: 8
+
+Runs that differ only in traced values share a static signature and form one group: one compile,
+one vmapped call over (runs x seeds). ``sweep.json`` records every run, its group and status;
+running the same command again skips every finished run.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from rlstop import config as config_lib
+from rlstop import results
+from rlstop.errors import UserError
+
+
+@dataclass(frozen=True)
+class Run:
+    name: str
+    cfg: config_lib.RunConfig
+    overrides: dict  # the grid values that made this run (dotted keys)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (list, tuple)):
+        return "-".join(_fmt(x) for x in v)
+    return str(v)
+
+
+def run_name(overrides: dict) -> str:
+    if not overrides:
+        return "baseline"
+    return ",".join(f"{k.split('.', 1)[-1]}={_fmt(v)}" for k, v in overrides.items())
+
+
+def expand_grid(base: config_lib.RunConfig, grid: dict) -> list[Run]:
+    """Cartesian product of the grid's values, each applied to ``base`` (validated)."""
+    for k, vals in grid.items():
+        if not isinstance(vals, list) or not vals:
+            raise UserError(f"grid.{k} must be a non-empty list of values, e.g. [true, false]")
+    keys = list(grid)
+    runs = []
+    for combo in itertools.product(*(grid[k] for k in keys)):
+        ov = dict(zip(keys, combo))
+        runs.append(Run(run_name(ov), config_lib.replace(base, ov), ov))
+    return runs
+
+
+def group_runs(runs: list[Run]) -> list[list[Run]]:
+    """Runs with the same static signature, in first-appearance order."""
+    groups: dict[str, list[Run]] = {}
+    for r in runs:
+        groups.setdefault(config_lib.static_signature(r.cfg), []).append(r)
+    return list(groups.values())
+
+
+def load_sweep(path: str, overrides: list[str]) -> tuple[str, list[Run]]:
+    data = config_lib._read_yaml(path)
+    allowed = {"base", "name", "grid", "set"}
+    unknown = set(data) - allowed
+    if unknown:
+        raise UserError(f"unknown key {sorted(unknown)[0]!r} in sweep file {path}; valid keys: base, name, grid, set")
+    if "base" not in data:
+        raise UserError(f"sweep file {path} has no 'base': give the path of a run config, e.g. base: configs/dqn_cartpole.yaml")
+    base_path = data["base"]
+    if not os.path.isabs(base_path) and not os.path.exists(base_path):
+        alt = os.path.join(os.path.dirname(path), base_path)
+        base_path = alt if os.path.exists(alt) else base_path
+    sets = [f"{k}={_yaml_value(v)}" for k, v in (data.get("set") or {}).items()]
+    base = config_lib.load_config(base_path, sets + list(overrides))
+    name = data.get("name") or os.path.splitext(os.path.basename(path))[0]
+    grid = data.get("grid") or {}
+    if not isinstance(grid, dict):
+        raise UserError(f"'grid' in {path} must map dotted keys to lists of values")
+    return str(name), expand_grid(base, grid)
+
+
+def _yaml_value(v) -> str:
+    import yaml
+
+    return yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+# ---------------------------------------------------------------------------------------------
+# execution
+
+
+def summarise(run: Run, res, i: int) -> dict:
+    """summary.json of run i of a group result."""
+    df = res.metrics[i]
+    cfg = run.cfg
+    final = {}
+    for col in df.columns:
+        if col in ("seed", "env_steps"):
+            continue
+        per_seed = []
+        for _, g in df.groupby("seed", sort=True):
+            vals = g[col].to_numpy(dtype=np.float64)
+            fin = vals[~np.isnan(vals)] if col == "eval_return" or col == "episode_return" else vals
+            per_seed.append(float(fin[-1]) if len(fin) else float("nan"))
+        arr = np.asarray(per_seed)
+        mean = float(np.nanmean(arr)) if np.isfinite(arr).any() else float("nan")
+        final[col] = {"mean": mean, "per_seed": per_seed}
+    for k, v in (res.extras[i] or {}).items():
+        v = np.asarray(v)
+        final[k] = {"mean": v.mean(axis=0), "per_seed": v}
+    diverged_steps = res.diverged_step[i]
+    n_div = sum(s is not None for s in diverged_steps)
+    status = "diverged" if n_div else "completed"
+    return {
+        "name": run.name,
+        "status": status,
+        "seeds": [cfg.train.seed + j for j in range(cfg.train.seeds)],
+        "final": final,
+        "diverged": {"fraction": n_div / cfg.train.seeds, "step": diverged_steps, "nonfinite": res.nonfinite[i]},
+        "overrides": run.overrides,
+        "wall_s": res.wall_s,
+        "compile_s": res.compile_s,
+        "env_steps_per_s": res.env_steps_per_s,
+        "batch": sum(c.train.seeds for c in res.cfgs),
+        "versions": results.versions(),
+    }
+
+
+def write_run(run_dir: str, run: Run, res, i: int) -> dict:
+    os.makedirs(run_dir, exist_ok=True)
+    results.atomic_write(os.path.join(run_dir, "config.yaml"), config_lib.to_yaml(run.cfg))
+    results.write_metrics(os.path.join(run_dir, "metrics.csv"), res.metrics[i])
+    summary = summarise(run, res, i)
+    results.write_json(os.path.join(run_dir, "summary.json"), summary)  # last: marks the run finished
+    return summary
+
+
+class Reporter:
+    """Progress bar with env steps/s (rich); quiet when ``enabled`` is False."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self._progress = None
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                       TimeRemainingColumn)
+
+            self._progress = Progress(
+                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+            )
+            self._progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self._progress is not None:
+            self._progress.__exit__(*exc)
+
+    def task(self, description: str, total: int, batch: int):
+        if self._progress is None:
+            return lambda done, total: None
+        tid = self._progress.add_task(description, total=total, rate="compiling...")
+        start = [None]
+
+        def update(done: int, total_: int):
+            now = time.perf_counter()
+            if start[0] is None:
+                start[0] = (now, 0)
+                rate = ""
+            else:
+                t0, d0 = start[0]
+                rate = f"{(done - d0) * batch / max(now - t0, 1e-9):,.0f} env steps/s"
+            self._progress.update(tid, completed=done, rate=rate)
+
+        return update
+
+    def print(self, msg: str):
+        if self._progress is not None:
+            self._progress.console.print(msg)
+        else:
+            print(msg, flush=True)
+
+
+def execute(runs: list[Run], out_root: str, sweep_name: str | None = None, show_progress: bool = True,
+            log=print) -> list[dict]:
+    """Train every unfinished run (grouped by static signature) and write its run folder.
+
+    With ``sweep_name``, runs live in ``out_root/sweep_name/<run>`` and ``sweep.json`` there
+    tracks them; without, a single run lives in ``out_root/<name>``.
+    """
+    from rlstop.train.driver import run_group
+
+    root = os.path.join(out_root, sweep_name) if sweep_name else out_root
+    groups = group_runs(runs)
+    sweep_path = os.path.join(root, "sweep.json") if sweep_name else None
+    state = {"name": sweep_name, "runs": {}, "groups": []}
+    if sweep_path and os.path.isfile(sweep_path):
+        state = results.read_json(sweep_path)
+    summaries = {}
+
+    def save_state():
+        if sweep_path:
+            results.write_json(sweep_path, state)
+
+    for gi, group in enumerate(groups):
+        for r in group:
+            entry = state["runs"].get(r.name, {})
+            entry.update({"group": gi, "overrides": r.overrides,
+                          "status": entry.get("status", "pending") if results.is_complete(os.path.join(root, r.name)) else "pending"})
+            state["runs"][r.name] = entry
+    save_state()
+
+    with Reporter(show_progress) as rep:
+        for gi, group in enumerate(groups):
+            todo = [r for r in group if not results.is_complete(os.path.join(root, r.name))]
+            for r in group:
+                if r not in todo:
+                    summaries[r.name] = results.read_json(os.path.join(root, r.name, "summary.json"))
+                    state["runs"][r.name]["status"] = summaries[r.name]["status"]
+            if not todo:
+                continue
+            batch = sum(r.cfg.train.seeds for r in todo)
+            label = todo[0].name if len(todo) == 1 else f"group {gi} ({len(todo)} runs)"
+            update = rep.task(f"{label} x{batch}", todo[0].cfg.train.total_steps, batch)
+            res = run_group([r.cfg for r in todo], progress=update)
+            for i, r in enumerate(todo):
+                s = write_run(os.path.join(root, r.name), r, res, i)
+                summaries[r.name] = s
+                state["runs"][r.name].update({"status": s["status"], "compile_s": s["compile_s"],
+                                              "wall_s": s["wall_s"]})
+            state["groups"].append({"group": gi, "runs": [r.name for r in todo], "compiles": res.compiles,
+                                    "batch": batch, "compile_s": res.compile_s, "wall_s": res.wall_s})
+            save_state()
+            for r in todo:
+                rep.print(_one_line(summaries[r.name], os.path.join(root, r.name)))
+    return [summaries[r.name] for r in runs]
+
+
+def _one_line(s: dict, path: str) -> str:
+    ev = s["final"].get("eval_return", {}).get("mean")
+    ret = s["final"].get("episode_return", {}).get("mean")
+    parts = [f"{s['name']}: {s['status']}"]
+    if ev is not None:
+        parts.append(f"eval_return {ev:.1f}")
+    elif ret is not None:
+        parts.append(f"episode_return {ret:.1f}")
+    parts.append(f"{s['env_steps_per_s']:,.0f} env steps/s, compile {s['compile_s']:.1f}s, wall {s['wall_s']:.1f}s")
+    parts.append(f"-> {path}")
+    return ", ".join(parts)

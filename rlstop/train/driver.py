@@ -1,0 +1,205 @@
+"""The one path every run takes: a group of configs that share a compile, trained as one vmapped batch.
+
+``rlstop train`` is a group of one config; a sweep is a list of groups. Within a group the batch
+axis is (run, seed): every traced value (switches, learning rate, gamma, ...) is an array with
+that leading axis, so one compiled function trains all of them at once.
+
+The run is cut into chunks of whole evaluation periods; each chunk is one call of the same
+compiled function, so metrics and the progress bar stream out between calls.
+"""
+from __future__ import annotations
+
+import importlib
+import time
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+
+from rlstop import config as config_lib
+from rlstop.envs import make_env, resolve_backend
+from rlstop.train.common import Program
+
+LOOPS = {"dqn": "rlstop.train.offpolicy", "a2c": "rlstop.train.onpolicy", "ppo": "rlstop.train.onpolicy",
+         "td": "rlstop.train.mdp"}
+
+
+def agent_module(cfg):
+    return importlib.import_module(config_lib.AGENT_MODULES[cfg.agent.kind])
+
+
+def make_program(cfg, env) -> Program:
+    return importlib.import_module(LOOPS[cfg.agent.kind]).make_program(cfg, env)
+
+
+def batch_hparams(cfgs) -> dict:
+    """Traced values of every (run, seed) pair, stacked on a leading batch axis."""
+    per_run = [agent_module(c).hparams(c.agent) for c in cfgs]
+    reps = [c.train.seeds for c in cfgs]
+    return jax.tree.map(lambda *xs: jnp.concatenate([jnp.repeat(x[None], r, 0) for x, r in zip(xs, reps)]),
+                        *per_run)
+
+
+def batch_keys(cfgs) -> jax.Array:
+    return jnp.stack([jax.random.PRNGKey(c.train.seed + i) for c in cfgs for i in range(c.train.seeds)])
+
+
+def _divisor_near(n: int, target: int) -> int:
+    """The divisor of n closest to target (chunks must tile the run exactly: one compile)."""
+    divs = [d for d in range(1, n + 1) if n % d == 0]
+    return min(divs, key=lambda d: (abs(d - target), d))
+
+
+@dataclass
+class Layout:
+    blocks_per_eval: int
+    periods_per_chunk: int
+    num_chunks: int
+    steps_per_block: int
+
+    @property
+    def steps_per_chunk(self) -> int:
+        return self.steps_per_block * self.blocks_per_eval * self.periods_per_chunk
+
+
+def layout(cfg, program: Program, target_chunks: int = 20) -> Layout:
+    t = cfg.train
+    eval_every = t.eval_every or t.log_every
+    blocks_per_eval = eval_every // program.steps_per_block
+    periods = t.total_steps // eval_every
+    per_chunk = _divisor_near(periods, max(1, round(periods / target_chunks)))
+    return Layout(blocks_per_eval, per_chunk, periods // per_chunk, program.steps_per_block)
+
+
+@dataclass
+class GroupResult:
+    """Metrics of a group, split back into runs."""
+
+    cfgs: list
+    metrics: list                # per run: DataFrame with seed, env_steps, metrics..., diverged
+    diverged_step: list          # per run: [seeds] first env step flagged (or None)
+    nonfinite: list              # per run: [seeds] bool
+    wall_s: float
+    compile_s: float
+    env_steps_per_s: float
+    compiles: int
+    extras: list = field(default_factory=list)  # per run: dict of extra final values (e.g. weights)
+
+
+def compile_chunk(program: Program, lay: Layout, runner, hp):
+    def chunk(runner, hp):
+        def period(runner, _):
+            runner, m = jax.lax.scan(lambda r, _: program.block(r, hp), runner, None, length=lay.blocks_per_eval)
+            ev = program.evaluate(runner, jax.random.fold_in(runner.key, 0x5EED), hp)
+            return runner, (m, ev)
+
+        return jax.lax.scan(period, runner, None, length=lay.periods_per_chunk)
+
+    return jax.jit(jax.vmap(chunk), donate_argnums=0).lower(runner, hp).compile()
+
+
+def run_group(cfgs: list, progress=None, on_chunk=None, start_runner=None, start_chunk: int = 0) -> GroupResult:
+    """Train every config in ``cfgs`` (all sharing one static signature) as one vmapped batch.
+
+    ``progress(done_steps, total_steps)`` is called after each chunk; ``on_chunk(i, runner, rows)``
+    may save checkpoints; ``start_runner``/``start_chunk`` resume from one.
+    """
+    cfg0 = cfgs[0]
+    if cfg0.train.x64:
+        jax.config.update("jax_enable_x64", True)
+    env = make_env(cfg0.env)
+    program = make_program(cfg0, env)
+    lay = layout(cfg0, program)
+    hp = batch_hparams(cfgs)
+    keys = batch_keys(cfgs)
+    batch = keys.shape[0]
+
+    t0 = time.perf_counter()
+    init = jax.jit(jax.vmap(program.init)).lower(keys, hp).compile()
+    runner = init(keys, hp) if start_runner is None else start_runner
+    chunk = compile_chunk(program, lay, runner, hp)
+    compile_s = time.perf_counter() - t0
+
+    rows, evals = [], []
+    t_run = time.perf_counter()
+    total = cfg0.train.total_steps
+    for i in range(start_chunk, lay.num_chunks):
+        runner, (m, ev) = chunk(runner, hp)
+        m = jax.device_get(m)
+        ev = np.asarray(jax.device_get(ev))
+        rows.append({k: np.asarray(v).reshape(batch, -1) for k, v in m.items()})
+        evals.append(ev)
+        if on_chunk is not None:
+            on_chunk(i, runner, rows, evals)
+        if progress is not None:
+            progress((i + 1) * lay.steps_per_chunk, total)
+    jax.block_until_ready(runner)
+    run_s = time.perf_counter() - t_run
+    wall_s = time.perf_counter() - t0
+
+    metrics = {k: np.concatenate([r[k] for r in rows], axis=1) for k in rows[0]} if rows else {}
+    ev = np.concatenate(evals, axis=1) if evals else np.zeros((batch, 0))  # [B, periods]
+    n_logs = next(iter(metrics.values())).shape[1]
+    eval_col = np.full((batch, n_logs), np.nan)
+    eval_col[:, lay.blocks_per_eval - 1::lay.blocks_per_eval] = ev
+    metrics["eval_return"] = eval_col
+    steps = (np.arange(n_logs) + 1 + start_chunk * lay.steps_per_chunk // lay.steps_per_block) * lay.steps_per_block
+
+    extras_fn = getattr(importlib.import_module(LOOPS[cfg0.agent.kind]), "final_extras", None)
+    extras_all = extras_fn(runner, env) if extras_fn else None
+
+    out_metrics, div_steps, nonfin, extras = [], [], [], []
+    offset = 0
+    for c in cfgs:
+        sl = slice(offset, offset + c.train.seeds)
+        offset += c.train.seeds
+        m = {k: v[sl] for k, v in metrics.items()}
+        div, first, nf = detect_divergence(m[program.value_metric], steps, value_bound(c, env))
+        m["diverged"] = div.astype(np.int64)
+        frames = []
+        for j in range(c.train.seeds):
+            d = {"seed": np.full(n_logs, c.train.seed + j), "env_steps": steps}
+            d.update({k: v[j] for k, v in m.items()})
+            frames.append(pd.DataFrame(d))
+        cols = ["seed", "env_steps", "episode_return", "eval_return"]
+        df = pd.concat(frames, ignore_index=True)
+        df = df[cols + [k for k in df.columns if k not in cols]]
+        out_metrics.append(df)
+        div_steps.append(first)
+        nonfin.append(nf)
+        extras.append(jax.tree.map(lambda x: np.asarray(x)[sl], extras_all) if extras_all is not None else {})
+
+    env_steps = (lay.num_chunks - start_chunk) * lay.steps_per_chunk * batch
+    return GroupResult(cfgs, out_metrics, div_steps, nonfin, wall_s, compile_s,
+                       env_steps / max(run_s, 1e-9), 2, extras)
+
+
+def value_bound(cfg, env) -> float:
+    """Soft-divergence bound r_max / (1 - gamma) (van Hasselt et al. 2018); inf when gamma = 1."""
+    gamma = getattr(cfg.agent, "gamma", None)
+    if gamma is None:
+        gamma = float(getattr(env, "gamma", 1.0))
+    r_max = getattr(env, "reward_bound", 1.0)
+    return float("inf") if gamma >= 1.0 else r_max / (1.0 - gamma)
+
+
+def detect_divergence(values: np.ndarray, steps: np.ndarray, bound: float):
+    """Per seed: sticky diverged flag per logging point, the first step flagged, whether non-finite.
+
+    values: [seeds, points] magnitude of the value estimates (e.g. q_max_abs). A seed diverges at
+    the first point where that magnitude is non-finite or above ``bound``.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    bad_nonfinite = ~np.isfinite(values)
+    with np.errstate(invalid="ignore"):
+        bad = bad_nonfinite | (np.abs(values) > bound)
+    sticky = np.maximum.accumulate(bad, axis=1) if bad.size else bad
+    first = [int(steps[np.argmax(row)]) if row.any() else None for row in bad]
+    nonfinite = bad_nonfinite.any(axis=1).tolist()
+    return sticky, first, nonfinite
+
+
+def backend_of(cfg) -> str:
+    return resolve_backend(cfg.env)
