@@ -48,7 +48,7 @@ class DQNConfig:
     epsilon_start: float = 1.0
     epsilon_end: float = 0.05
     epsilon_fraction: float = 0.5    # of train.total_steps
-    max_grad_norm: float = 0.0       # 0 = no clipping
+    max_grad_norm: float = 0.0       # 0 = no clipping (static: it adds ops to every update)
     # switches
     stop_gradient_target: bool = True
     target_network: bool = True
@@ -57,7 +57,7 @@ class DQNConfig:
 
     TRACED: ClassVar[tuple[str, ...]] = (
         "learning_rate", "gamma", "target_update_period", "target_tau",
-        "epsilon_start", "epsilon_end", "epsilon_fraction", "max_grad_norm",
+        "epsilon_start", "epsilon_end", "epsilon_fraction",
         "stop_gradient_target", "target_network", "double_q",
     )
     SWITCHES: ClassVar[tuple[str, ...]] = ("stop_gradient_target", "target_network", "double_q", "layer_norm")
@@ -125,9 +125,10 @@ class DQN:
         self.network = QNetwork(num_actions, tuple(cfg.hidden_sizes), cfg.activation, cfg.layer_norm)
 
     def optimizer(self, hp) -> optax.GradientTransformation:
-        # Clipping by a traced norm: a norm of 0 means "off" (an infinite bound).
-        max_norm = jnp.where(hp["max_grad_norm"] > 0, hp["max_grad_norm"], jnp.inf)
-        return optax.chain(optax.clip_by_global_norm(max_norm), optax.adam(hp["learning_rate"]))
+        adam = optax.adam(hp["learning_rate"])
+        if self.cfg.max_grad_norm > 0:
+            return optax.chain(optax.clip_by_global_norm(self.cfg.max_grad_norm), adam)
+        return adam
 
     def init(self, key: jax.Array, hp) -> DQNState:
         params = self.network.init(key, jnp.zeros(self.obs_shape, jnp.float32))
@@ -154,9 +155,11 @@ class DQN:
         through the target unless ``stop_gradient_target`` detaches it.
         """
         bootstrap_params = _where_tree(hp["target_network"], jax.lax.stop_gradient(target_params), params)
-        q_tm1 = self.network.apply(params, batch.obs)
+        # One online forward pass over [s; s'] gives Q(s, .) and the double-Q selector Q(s', .).
+        n = batch.obs.shape[0]
+        q_online = self.network.apply(params, jnp.concatenate([batch.obs, batch.next_obs]))
+        q_tm1, q_t_selector = q_online[:n], q_online[n:]
         q_t_value = self.network.apply(bootstrap_params, batch.next_obs)
-        q_t_selector = self.network.apply(params, batch.next_obs)
         discount_t = hp["gamma"] * (1.0 - batch.terminated.astype(jnp.float32))
         sg = hp["stop_gradient_target"]
         td_q = jax.vmap(lambda *a: losses.q_learning(*a, stop_gradient=sg))(
@@ -177,7 +180,8 @@ class DQN:
         params = optax.apply_updates(state.params, updates)
         period = hp["target_update_period"]
         sync = jnp.floor(state.steps / period) > jnp.floor(env_steps_before / period)
-        synced = optax.incremental_update(params, state.target_params, hp["target_tau"])
-        target_params = _where_tree(sync, synced, state.target_params)
+        # Polyak step of size tau when a sync is due (tau = 1: hard copy), else unchanged.
+        step = jnp.where(sync, hp["target_tau"], 0.0)
+        target_params = jax.tree.map(lambda t, p: t + step * (p - t), state.target_params, params)
         metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **metrics}
         return state.replace(params=params, target_params=target_params, opt_state=opt_state), metrics

@@ -88,6 +88,19 @@ class GroupResult:
     extras: list = field(default_factory=list)  # per run: dict of extra final values (e.g. weights)
 
 
+def batched(fn, batch: int):
+    """vmap over the leading axis; for a batch of one, squeeze instead (vmap's batched matmuls
+    cost more than plain ones on CPU)."""
+    if batch > 1:
+        return jax.vmap(fn)
+
+    def one(*args):
+        out = fn(*jax.tree.map(lambda x: x[0], args))
+        return jax.tree.map(lambda x: x[None], out)
+
+    return one
+
+
 def compile_chunk(program: Program, lay: Layout, runner, hp):
     def chunk(runner, hp):
         def period(runner, _):
@@ -97,7 +110,8 @@ def compile_chunk(program: Program, lay: Layout, runner, hp):
 
         return jax.lax.scan(period, runner, None, length=lay.periods_per_chunk)
 
-    return jax.jit(jax.vmap(chunk), donate_argnums=0).lower(runner, hp).compile()
+    batch = jax.tree.leaves(hp)[0].shape[0]
+    return jax.jit(batched(chunk, batch), donate_argnums=0).lower(runner, hp).compile()
 
 
 def run_group(cfgs: list, progress=None, on_chunk=None, start_runner=None, start_chunk: int = 0) -> GroupResult:
@@ -117,7 +131,7 @@ def run_group(cfgs: list, progress=None, on_chunk=None, start_runner=None, start
     batch = keys.shape[0]
 
     t0 = time.perf_counter()
-    init = jax.jit(jax.vmap(program.init)).lower(keys, hp).compile()
+    init = jax.jit(batched(program.init, batch)).lower(keys, hp).compile()
     runner = init(keys, hp) if start_runner is None else start_runner
     chunk = compile_chunk(program, lay, runner, hp)
     compile_s = time.perf_counter() - t0
