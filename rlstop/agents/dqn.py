@@ -182,6 +182,6 @@ class DQN:
         sync = jnp.floor(state.steps / period) > jnp.floor(env_steps_before / period)
         # Polyak step of size tau when a sync is due (tau = 1: hard copy), else unchanged.
         step = jnp.where(sync, hp["target_tau"], 0.0)
-        target_params = jax.tree.map(lambda t, p: t + step * (p - t), state.target_params, params)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **metrics}
+        target_params = jax.tree.map(lambda t, p: step * p + (1.0 - step) * t, state.target_params, params)
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **metrics}
         return state.replace(params=params, target_params=target_params, opt_state=opt_state), metrics

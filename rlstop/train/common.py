@@ -12,12 +12,12 @@ class Program(NamedTuple):
 
     init(key, hp) -> runner                   the agent, env and buffers before any step
     block(runner, hp) -> (runner, metrics)    advance ``steps_per_block`` env steps; metrics are scalars
-    evaluate(runner, key, hp) -> scalar       mean greedy return over eval episodes
+    evaluate(runner, key, hp) -> scalar       mean greedy return over eval episodes (None: no evaluation)
     """
 
     init: Callable
     block: Callable
-    evaluate: Callable
+    evaluate: Callable | None
     steps_per_block: int
     value_metric: str           # the value magnitude the divergence check reads
     metric_names: tuple          # names of the scalars ``block`` returns (besides episode_return)

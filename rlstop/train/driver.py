@@ -105,6 +105,8 @@ def compile_chunk(program: Program, lay: Layout, runner, hp):
     def chunk(runner, hp):
         def period(runner, _):
             runner, m = jax.lax.scan(lambda r, _: program.block(r, hp), runner, None, length=lay.blocks_per_eval)
+            if program.evaluate is None:
+                return runner, (m, jnp.zeros(()))
             ev = program.evaluate(runner, jax.random.fold_in(runner.key, 0x5EED), hp)
             return runner, (m, ev)
 
@@ -158,7 +160,8 @@ def run_group(cfgs: list, progress=None, on_chunk=None, start_runner=None, start
     n_logs = next(iter(metrics.values())).shape[1]
     eval_col = np.full((batch, n_logs), np.nan)
     eval_col[:, lay.blocks_per_eval - 1::lay.blocks_per_eval] = ev
-    metrics["eval_return"] = eval_col
+    if program.evaluate is not None:
+        metrics["eval_return"] = eval_col
     steps = (np.arange(n_logs) + 1 + start_chunk * lay.steps_per_chunk // lay.steps_per_block) * lay.steps_per_block
 
     extras_fn = getattr(importlib.import_module(LOOPS[cfg0.agent.kind]), "final_extras", None)
@@ -177,8 +180,8 @@ def run_group(cfgs: list, progress=None, on_chunk=None, start_runner=None, start
             d = {"seed": np.full(n_logs, c.train.seed + j), "env_steps": steps}
             d.update({k: v[j] for k, v in m.items()})
             frames.append(pd.DataFrame(d))
-        cols = ["seed", "env_steps", "episode_return", "eval_return"]
         df = pd.concat(frames, ignore_index=True)
+        cols = [c for c in ("seed", "env_steps", "episode_return", "eval_return") if c in df.columns]
         df = df[cols + [k for k in df.columns if k not in cols]]
         out_metrics.append(df)
         div_steps.append(first)
