@@ -261,3 +261,18 @@ def _one_line(s: dict, path: str) -> str:
     parts.append(f"{s['env_steps_per_s']:,.0f} env steps/s, compile {s['compile_s']:.1f}s, wall {s['wall_s']:.1f}s")
     parts.append(f"-> {path}")
     return ", ".join(parts)
+
+
+def ablation_runs(cfg: config_lib.RunConfig) -> list[Run]:
+    """The standard grid for an agent: the baseline, each switch that is on turned off alone, and
+    all of them off together. Switches are traced, so every run but a static one (layer_norm)
+    shares one compile."""
+    switches = [s for s in type(cfg.agent).SWITCHES if getattr(cfg.agent, s) is True]
+    if not switches:
+        raise UserError(f"{cfg.agent.kind}: no switch is on in this config, so there is nothing to ablate; "
+                        f"its switches are {', '.join(type(cfg.agent).SWITCHES)}")
+    variants: list[dict] = [{}]
+    variants += [{f"agent.{s}": False} for s in switches]
+    if len(switches) > 1:
+        variants.append({f"agent.{s}": False for s in switches})
+    return [Run(run_name(ov), config_lib.replace(cfg, ov), ov) for ov in variants]
