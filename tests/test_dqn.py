@@ -113,7 +113,7 @@ def test_every_switch_combination_runs_from_one_compile(setup):
     @jax.jit
     def update(state, batch, hp):
         traces.append(1)
-        return agent.update(state, batch, hp, state.steps)
+        return agent.update(state, batch, hp, jnp.asarray(True))
 
     for sg, tn, dq in itertools.product([True, False], repeat=3):
         new_state, metrics = update(state, batch, hp_with(cfg, stop_gradient_target=sg, target_network=tn, double_q=dq))
@@ -123,20 +123,34 @@ def test_every_switch_combination_runs_from_one_compile(setup):
 
 
 def test_target_sync_hard_and_polyak(setup):
+    from rlstop.agents.dqn import sync_due
+
     cfg, agent, state, target, batch = setup
-    st = state.replace(target_params=target, steps=jnp.asarray(500, jnp.int32))
-    # Crossing a multiple of target_update_period (500): hard copy with tau = 1.
-    new, _ = agent.update(st, batch, hp_with(cfg, target_tau=1.0), jnp.asarray(490))
+    st = state.replace(target_params=target)
+    # A sync is due when a multiple of target_update_period lies in (before, after].
+    assert bool(sync_due(490, 500, 500)) and not bool(sync_due(489, 499, 500)) and not bool(sync_due(500, 510, 500))
+    # Sync with tau = 1: hard copy.
+    new, _ = agent.update(st, batch, hp_with(cfg, target_tau=1.0), jnp.asarray(True))
     for a, b in zip(jax.tree.leaves(new.target_params), jax.tree.leaves(new.params)):
         np.testing.assert_array_equal(a, b)
-    # Polyak with tau = 0.25: target <- target + 0.25 (online - target).
-    new, _ = agent.update(st, batch, hp_with(cfg, target_tau=0.25), jnp.asarray(490))
+    # Polyak with tau = 0.25: target <- 0.25 online + 0.75 target.
+    new, _ = agent.update(st, batch, hp_with(cfg, target_tau=0.25), jnp.asarray(True))
     for t_new, t_old, p in zip(*(jax.tree.leaves(x) for x in (new.target_params, target, new.params))):
-        np.testing.assert_allclose(t_new, t_old + 0.25 * (p - t_old), rtol=1e-6, atol=1e-7)
-    # No multiple crossed: the target stays.
-    new, _ = agent.update(st.replace(steps=jnp.asarray(499)), batch, hp_with(cfg), jnp.asarray(489))
+        np.testing.assert_allclose(t_new, 0.25 * p + 0.75 * t_old, rtol=1e-6, atol=1e-7)
+    # No sync: the target stays, bit for bit.
+    new, _ = agent.update(st, batch, hp_with(cfg), jnp.asarray(False))
     for a, b in zip(jax.tree.leaves(new.target_params), jax.tree.leaves(target)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_epsilon_greedy_explores_uniformly(setup):
+    cfg, agent, state, _, _ = setup
+    obs = jnp.zeros((20000, OBS))
+    greedy = int(jnp.argmax(agent.network.apply(state.params, obs[:1]), -1)[0])
+    acts = np.asarray(agent.act(state.params, obs, jax.random.PRNGKey(1), 0.5))
+    # P(greedy) = 1 - eps + eps / A = 0.75, P(other) = 0.25.
+    np.testing.assert_allclose(np.mean(acts == greedy), 0.75, atol=0.015)
+    assert np.all(np.asarray(agent.act(state.params, obs[:100], jax.random.PRNGKey(2), 0.0)) == greedy)
 
 
 def test_epsilon_schedule(setup):
@@ -148,15 +162,20 @@ def test_epsilon_schedule(setup):
 
 def test_replay_buffer_wraps_and_samples():
     example = Transition(jnp.zeros(2), jnp.zeros((), jnp.int32), jnp.zeros(()), jnp.zeros((), bool), jnp.zeros(2))
+    for n in (2, 3):  # 2 divides the capacity (contiguous write), 3 does not (scatter)
+        buf = replay.init(example, 4)
+        for i in range(3):  # 3 batches of n transitions > capacity 4 -> wraps
+            x = jnp.full((n, 2), float(i))
+            buf = replay.add(buf, Transition(x, jnp.full(n, i), jnp.full(n, i, jnp.float32),
+                                             jnp.zeros(n, bool), x), i * n)
+        expected = [2, 2, 1, 1] if n == 2 else [2, 1, 2, 2]
+        np.testing.assert_array_equal(buf.data.action, expected)
+    # Only the filled slots are sampled.
     buf = replay.init(example, 4)
-    for i in range(3):  # add two transitions at a time: 6 > capacity 4 -> wraps
-        x = jnp.full((2, 2), float(i))
-        buf = replay.add(buf, Transition(x, jnp.array([i, i]), jnp.array([i, i], jnp.float32),
-                                         jnp.array([False, True]), x))
-    assert int(buf.size) == 4 and int(buf.ptr) == 2
-    np.testing.assert_array_equal(buf.data.action, [2, 2, 1, 1])
-    s = replay.sample(buf, jax.random.PRNGKey(0), 64)
-    assert set(np.asarray(s.action).tolist()) <= {1, 2}
+    buf = replay.add(buf, Transition(jnp.ones((2, 2)), jnp.array([7, 7]), jnp.ones(2), jnp.zeros(2, bool),
+                                     jnp.ones((2, 2))), 0)
+    s = replay.sample(buf, jax.random.PRNGKey(0), 64, 2)
+    assert set(np.asarray(s.action).tolist()) == {7}
 
 
 def test_two_seeds_have_different_initial_parameters():
@@ -165,7 +184,8 @@ def test_two_seeds_have_different_initial_parameters():
     cfg = config_lib.load_config("configs/dqn_cartpole.yaml", ["train.seeds=2", "agent.hidden_sizes=[8]"])
     agent = DQN(cfg.agent, (4,), 2)
     keys = driver.batch_keys([cfg])
-    hp = driver.batch_hparams([cfg])
-    states = jax.vmap(agent.init)(keys, hp)
+    hp, axes = driver.batch_hparams([cfg])
+    assert all(a is None for a in axes.values())  # one config: every traced value is shared
+    states = jax.vmap(agent.init, in_axes=(0, None))(keys, hp)
     k0 = states.params["params"]["torso"]["Dense_0"]["kernel"]
     assert not np.allclose(k0[0], k0[1])

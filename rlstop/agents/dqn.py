@@ -99,7 +99,6 @@ class DQNState:
     params: flax.core.FrozenDict
     target_params: flax.core.FrozenDict
     opt_state: optax.OptState
-    steps: jnp.ndarray  # env steps taken so far (all envs)
 
 
 def hparams(cfg: DQNConfig) -> dict:
@@ -115,13 +114,30 @@ def _where_tree(cond, a, b):
     return jax.tree.map(lambda x, y: jnp.where(cond, x, y), a, b)
 
 
-class DQN:
-    """Static pieces (network shapes, batch size) live on the object; values come in ``hp``."""
+def switch(varying: bool, pred, true_fn, false_fn):
+    """Choose between two computations by a traced boolean.
 
-    def __init__(self, cfg: DQNConfig, obs_shape: tuple, num_actions: int):
+    When the boolean is the same for the whole batch (``varying`` False), ``lax.cond`` runs only
+    the branch taken. When it varies across a vmapped batch, cond would turn into a select that
+    runs both branches anyway; then both are computed and combined with ``jnp.where``.
+    """
+    if varying:
+        return jax.tree.map(lambda a, b: jnp.where(pred, a, b), true_fn(), false_fn())
+    return jax.lax.cond(pred, true_fn, false_fn)
+
+
+class DQN:
+    """Static pieces (network shapes, batch size) live on the object; values come in ``hp``.
+
+    ``varying`` names the traced values that differ across the vmapped batch (a sweep over
+    switches); the others are shared, so branches on them are real ``lax.cond``s.
+    """
+
+    def __init__(self, cfg: DQNConfig, obs_shape: tuple, num_actions: int, varying: frozenset = frozenset()):
         self.cfg = cfg
         self.num_actions = num_actions
         self.obs_shape = obs_shape
+        self.varying = frozenset(varying)
         self.network = QNetwork(num_actions, tuple(cfg.hidden_sizes), cfg.activation, cfg.layer_norm)
 
     def optimizer(self, hp) -> optax.GradientTransformation:
@@ -132,56 +148,89 @@ class DQN:
 
     def init(self, key: jax.Array, hp) -> DQNState:
         params = self.network.init(key, jnp.zeros(self.obs_shape, jnp.float32))
-        return DQNState(params, params, self.optimizer(hp).init(params), jnp.zeros((), jnp.int32))
+        return DQNState(params, params, self.optimizer(hp).init(params))
 
-    def epsilon(self, steps, hp, total_steps: int):
-        frac = jnp.clip(steps / (hp["epsilon_fraction"] * total_steps), 0.0, 1.0)
+    def epsilon(self, step, hp, total_steps: int):
+        """Linear decay from epsilon_start to epsilon_end over epsilon_fraction of the run (CleanRL)."""
+        frac = jnp.clip(step / (hp["epsilon_fraction"] * total_steps), 0.0, 1.0)
         return hp["epsilon_start"] + frac * (hp["epsilon_end"] - hp["epsilon_start"])
 
     def act(self, params, obs: jnp.ndarray, key: jax.Array, epsilon) -> jnp.ndarray:
-        """Epsilon-greedy actions for a batch of observations [N, *obs_shape] -> [N]."""
-        q = self.network.apply(params, obs)
-        greedy = jnp.argmax(q, axis=-1)
-        k1, k2 = jax.random.split(key)
-        explore = jax.random.uniform(k1, greedy.shape) < epsilon
-        random = jax.random.randint(k2, greedy.shape, 0, self.num_actions)
-        return jnp.where(explore, random, greedy)
+        """Epsilon-greedy actions for a batch of observations [N, *obs_shape] -> [N].
 
-    def loss(self, params, target_params, batch: Transition, hp):
+        One uniform draw u per env decides both: explore when u < epsilon, and then
+        floor(u / epsilon * A) is uniform over the actions.
+        """
+        greedy = jnp.argmax(self.network.apply(params, obs), axis=-1)
+        u = jax.random.uniform(key, greedy.shape)
+        scaled = jnp.where(epsilon > 0, u / jnp.maximum(epsilon, 1e-12), 0.0)
+        random = jnp.minimum((scaled * self.num_actions).astype(greedy.dtype), self.num_actions - 1)
+        return jnp.where(u < epsilon, random, greedy)
+
+    def loss(self, params, target_params, batch: Transition, hp, *, residual: bool = True):
         """Mean squared TD error over the batch, and metrics.
 
-        Q(s', .) is computed by ``target_params`` when the target network is on, by the online
+        Q(s', .) comes from ``target_params`` when the target network is on, from the online
         ``params`` otherwise; in the latter case the gradient reaches the online parameters
-        through the target unless ``stop_gradient_target`` detaches it.
+        through the target unless ``stop_gradient_target`` detaches it (residual gradient).
+        ``residual=False`` is the same loss with the bootstrap detached whatever the switches
+        say: the update uses it when no gradient can flow there, so no backward pass is spent
+        on the target.
         """
-        bootstrap_params = _where_tree(hp["target_network"], jax.lax.stop_gradient(target_params), params)
-        # One online forward pass over [s; s'] gives Q(s, .) and the double-Q selector Q(s', .).
-        n = batch.obs.shape[0]
-        q_online = self.network.apply(params, jnp.concatenate([batch.obs, batch.next_obs]))
-        q_tm1, q_t_selector = q_online[:n], q_online[n:]
+        if residual:
+            bootstrap_params = _where_tree(hp["target_network"], jax.lax.stop_gradient(target_params), params)
+            sg = hp["stop_gradient_target"]
+        else:
+            bootstrap_params = jax.lax.stop_gradient(_where_tree(hp["target_network"], target_params, params))
+            sg = True
+        q_tm1 = self.network.apply(params, batch.obs)
         q_t_value = self.network.apply(bootstrap_params, batch.next_obs)
-        discount_t = hp["gamma"] * (1.0 - batch.terminated.astype(jnp.float32))
-        sg = hp["stop_gradient_target"]
-        td_q = jax.vmap(lambda *a: losses.q_learning(*a, stop_gradient=sg))(
-            q_tm1, batch.action, batch.reward, discount_t, q_t_value)
-        td_dq = jax.vmap(lambda *a: losses.double_q_learning(*a, stop_gradient=sg))(
-            q_tm1, batch.action, batch.reward, discount_t, q_t_value, q_t_selector)
-        td = jnp.where(hp["double_q"], td_dq, td_q)
+        discount_t = hp["gamma"] * (1.0 - batch.terminated.astype(q_tm1.dtype))
+        args = (q_tm1, batch.action, batch.reward, discount_t, q_t_value)
+
+        def max_q():
+            return jax.vmap(lambda *a: losses.q_learning(*a, stop_gradient=sg))(*args)
+
+        def double_q():
+            q_t_selector = self.network.apply(params, batch.next_obs)
+            return jax.vmap(lambda *a: losses.double_q_learning(*a, stop_gradient=sg))(*args, q_t_selector)
+
+        td = switch("double_q" in self.varying, hp["double_q"], double_q, max_q)
         loss = jnp.mean(td**2)
         q_taken = jnp.take_along_axis(q_tm1, batch.action[:, None], axis=-1)
         metrics = {"q_mean": jnp.mean(q_taken), "q_max_abs": jnp.max(jnp.abs(q_tm1))}
         return loss, metrics
 
-    def update(self, state: DQNState, batch: Transition, hp, env_steps_before) -> tuple[DQNState, dict]:
-        """One gradient step, then a target sync if a multiple of target_update_period was crossed."""
-        (loss, metrics), grads = jax.value_and_grad(self.loss, has_aux=True)(
-            state.params, state.target_params, batch, hp)
-        updates, opt_state = self.optimizer(hp).update(grads, state.opt_state, state.params)
+    def update(self, state: DQNState, batch: Transition, hp, sync) -> tuple[DQNState, dict]:
+        """One gradient step, then (if ``sync``) a target step of size target_tau (1 = hard copy)."""
+
+        def grads(residual: bool):
+            def f():
+                return jax.value_and_grad(lambda p: self.loss(p, state.target_params, batch, hp, residual=residual),
+                                          has_aux=True)(state.params)
+            return f
+
+        # The gradient flows through the target only with both the target network and the
+        # stop-gradient off; otherwise skip that backward pass.
+        needs_residual = jnp.logical_not(hp["stop_gradient_target"]) & jnp.logical_not(hp["target_network"])
+        if {"stop_gradient_target", "target_network"} & self.varying:
+            (loss, metrics), g = grads(True)()
+        else:
+            (loss, metrics), g = jax.lax.cond(needs_residual, grads(True), grads(False))
+        updates, opt_state = self.optimizer(hp).update(g, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        period = hp["target_update_period"]
-        sync = jnp.floor(state.steps / period) > jnp.floor(env_steps_before / period)
-        # Polyak step of size tau when a sync is due (tau = 1: hard copy), else unchanged.
-        step = jnp.where(sync, hp["target_tau"], 0.0)
-        target_params = jax.tree.map(lambda t, p: step * p + (1.0 - step) * t, state.target_params, params)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **metrics}
-        return state.replace(params=params, target_params=target_params, opt_state=opt_state), metrics
+        tau = hp["target_tau"]
+        target_params = jax.lax.cond(
+            sync, lambda: jax.tree.map(lambda t, p: tau * p + (1.0 - tau) * t, state.target_params, params),
+            lambda: state.target_params)
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(g), **metrics}
+        return DQNState(params, target_params, opt_state), metrics
+
+    def q_stats(self, params, obs) -> dict:
+        q = self.network.apply(params, obs)
+        return {"q_mean": jnp.mean(jnp.max(q, axis=-1)), "q_max_abs": jnp.max(jnp.abs(q))}
+
+
+def sync_due(steps_before, steps_after, period):
+    """True when a multiple of ``period`` env steps lies in (steps_before, steps_after]."""
+    return jnp.floor(steps_after / period) > jnp.floor(steps_before / period)

@@ -12,6 +12,8 @@ class Program(NamedTuple):
 
     init(key, hp) -> runner                   the agent, env and buffers before any step
     block(runner, hp) -> (runner, metrics)    advance ``steps_per_block`` env steps; metrics are scalars
+                                              (with ``timed``: block(runner, hp, t), t the block index,
+                                              the same for the whole batch and so unbatched under vmap)
     evaluate(runner, key, hp) -> scalar       mean greedy return over eval episodes (None: no evaluation)
     """
 
@@ -21,6 +23,7 @@ class Program(NamedTuple):
     steps_per_block: int
     value_metric: str           # the value magnitude the divergence check reads
     metric_names: tuple          # names of the scalars ``block`` returns (besides episode_return)
+    timed: bool = False          # block(runner, hp, t) also takes the global block index t, unbatched
 
 
 def masked_mean(x, mask):

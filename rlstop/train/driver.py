@@ -10,6 +10,7 @@ compiled function, so metrics and the progress bar stream out between calls.
 from __future__ import annotations
 
 import importlib
+import inspect
 import time
 from dataclasses import dataclass, field
 
@@ -30,16 +31,34 @@ def agent_module(cfg):
     return importlib.import_module(config_lib.AGENT_MODULES[cfg.agent.kind])
 
 
-def make_program(cfg, env) -> Program:
-    return importlib.import_module(LOOPS[cfg.agent.kind]).make_program(cfg, env)
+def make_program(cfg, env, varying: frozenset = frozenset()) -> Program:
+    make = importlib.import_module(LOOPS[cfg.agent.kind]).make_program
+    if "varying" in inspect.signature(make).parameters:
+        return make(cfg, env, varying=varying)
+    return make(cfg, env)
 
 
-def batch_hparams(cfgs) -> dict:
-    """Traced values of every (run, seed) pair, stacked on a leading batch axis."""
+def batch_hparams(cfgs) -> tuple[dict, dict]:
+    """Traced values of every (run, seed) pair, and their vmap axes.
+
+    A value that differs across the batch is stacked on a leading axis (vmap axis 0); a value
+    that every run shares stays a scalar (axis None), so that branches on it remain real
+    ``lax.cond``s under vmap. Either way it is a traced argument: one compile serves any value.
+    """
     per_run = [agent_module(c).hparams(c.agent) for c in cfgs]
     reps = [c.train.seeds for c in cfgs]
-    return jax.tree.map(lambda *xs: jnp.concatenate([jnp.repeat(x[None], r, 0) for x, r in zip(xs, reps)]),
-                        *per_run)
+    hp, axes = {}, {}
+    for k in per_run[0]:
+        vals = [np.asarray(p[k]) for p in per_run]
+        if all(np.array_equal(v, vals[0]) for v in vals[1:]):
+            hp[k], axes[k] = per_run[0][k], None
+        else:
+            hp[k], axes[k] = jnp.concatenate([jnp.repeat(p[k][None], r, 0) for p, r in zip(per_run, reps)]), 0
+    return hp, axes
+
+
+def varying_keys(axes: dict) -> frozenset:
+    return frozenset(k for k, a in axes.items() if a == 0)
 
 
 def batch_keys(cfgs) -> jax.Array:
@@ -88,32 +107,43 @@ class GroupResult:
     extras: list = field(default_factory=list)  # per run: dict of extra final values (e.g. weights)
 
 
-def batched(fn, batch: int):
-    """vmap over the leading axis; for a batch of one, squeeze instead (vmap's batched matmuls
-    cost more than plain ones on CPU)."""
+def batched(fn, batch: int, in_axes):
+    """vmap over the leading axis of the arguments whose axis is 0; for a batch of one, squeeze
+    instead (vmap's batched matmuls cost more than plain ones on CPU)."""
     if batch > 1:
-        return jax.vmap(fn)
+        return jax.vmap(fn, in_axes=in_axes)
 
     def one(*args):
-        out = fn(*jax.tree.map(lambda x: x[0], args))
-        return jax.tree.map(lambda x: x[None], out)
+        squeezed = [jax.tree.map(lambda x: x[0], a) if ax == 0 else
+                    (a if ax is None else {k: (v[0] if ax[k] == 0 else v) for k, v in a.items()})
+                    for a, ax in zip(args, in_axes)]
+        return jax.tree.map(lambda x: x[None], fn(*squeezed))
 
     return one
 
 
-def compile_chunk(program: Program, lay: Layout, runner, hp):
-    def chunk(runner, hp):
-        def period(runner, _):
-            runner, m = jax.lax.scan(lambda r, _: program.block(r, hp), runner, None, length=lay.blocks_per_eval)
+def compile_chunk(program: Program, lay: Layout, runner, hp, hp_axes):
+    blocks_per_chunk = lay.blocks_per_eval * lay.periods_per_chunk
+
+    def chunk(runner, hp, c):
+        def block(r, j):
+            if program.timed:
+                return program.block(r, hp, c * blocks_per_chunk + j)
+            return program.block(r, hp)
+
+        def period(runner, p):
+            js = p * lay.blocks_per_eval + jnp.arange(lay.blocks_per_eval)
+            runner, m = jax.lax.scan(block, runner, js)
             if program.evaluate is None:
                 return runner, (m, jnp.zeros(()))
             ev = program.evaluate(runner, jax.random.fold_in(runner.key, 0x5EED), hp)
             return runner, (m, ev)
 
-        return jax.lax.scan(period, runner, None, length=lay.periods_per_chunk)
+        return jax.lax.scan(period, runner, jnp.arange(lay.periods_per_chunk))
 
-    batch = jax.tree.leaves(hp)[0].shape[0]
-    return jax.jit(batched(chunk, batch), donate_argnums=0).lower(runner, hp).compile()
+    batch = jax.tree.leaves(runner)[0].shape[0]
+    fn = batched(chunk, batch, (0, hp_axes, None))
+    return jax.jit(fn, donate_argnums=0).lower(runner, hp, jnp.zeros((), jnp.int32)).compile()
 
 
 def run_group(cfgs: list, progress=None, on_chunk=None, start_runner=None, start_chunk: int = 0) -> GroupResult:
@@ -126,23 +156,23 @@ def run_group(cfgs: list, progress=None, on_chunk=None, start_runner=None, start
     if cfg0.train.x64:
         jax.config.update("jax_enable_x64", True)
     env = make_env(cfg0.env)
-    program = make_program(cfg0, env)
+    hp, hp_axes = batch_hparams(cfgs)
+    program = make_program(cfg0, env, varying_keys(hp_axes))
     lay = layout(cfg0, program)
-    hp = batch_hparams(cfgs)
     keys = batch_keys(cfgs)
     batch = keys.shape[0]
 
     t0 = time.perf_counter()
-    init = jax.jit(batched(program.init, batch)).lower(keys, hp).compile()
+    init = jax.jit(batched(program.init, batch, (0, hp_axes))).lower(keys, hp).compile()
     runner = init(keys, hp) if start_runner is None else start_runner
-    chunk = compile_chunk(program, lay, runner, hp)
+    chunk = compile_chunk(program, lay, runner, hp, hp_axes)
     compile_s = time.perf_counter() - t0
 
     rows, evals = [], []
     t_run = time.perf_counter()
     total = cfg0.train.total_steps
     for i in range(start_chunk, lay.num_chunks):
-        runner, (m, ev) = chunk(runner, hp)
+        runner, (m, ev) = chunk(runner, hp, jnp.asarray(i, jnp.int32))
         m = jax.device_get(m)
         ev = np.asarray(jax.device_get(ev))
         rows.append({k: np.asarray(v).reshape(batch, -1) for k, v in m.items()})

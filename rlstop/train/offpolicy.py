@@ -1,9 +1,10 @@
 """The off-policy scan loop (DQN): ``train_every`` env steps, then one update, repeated.
 
-The loop has no per-step ``lax.cond``: under vmap it would become a select that runs both
-branches. An iteration is an inner scan of ``train_every`` vectorised env steps followed by one
-update; updates before ``learning_starts`` are computed and discarded by one select per
-iteration (a small, fixed cost: learning_starts / total_steps of the updates).
+Time (the global env-step count) is the same for every seed, so the loop passes it in unbatched:
+under vmap, everything that depends only on time -- epsilon, the replay write position, whether
+learning has started, whether a target sync is due -- stays a scalar, and the branches on it are
+real ``lax.cond``s rather than selects that compute both sides. An iteration is an inner scan
+of ``train_every`` vectorised env steps, one contiguous replay write, and one update.
 """
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ import jax
 import jax.numpy as jnp
 
 from rlstop.agents import replay
-from rlstop.agents.dqn import DQN, DQNState
+from rlstop.agents.dqn import DQN, DQNState, sync_due
 from rlstop.agents.replay import Transition
-from rlstop.train.common import EpisodeStats, Program, greedy_returns, masked_mean, tree_where
+from rlstop.train.common import EpisodeStats, Program, greedy_returns, masked_mean
 
 METRICS = ("loss", "grad_norm", "q_mean", "q_max_abs")
 
@@ -31,10 +32,15 @@ class Runner:
     key: jax.Array
 
 
-def make_program(cfg, env) -> Program:
+def make_program(cfg, env, varying: frozenset = frozenset()) -> Program:
     a, t = cfg.agent, cfg.train
     num_envs = cfg.env.num_envs
-    agent = DQN(a, env.obs_shape, env.num_actions)
+    if not env.discrete:
+        from rlstop.errors import UserError
+
+        raise UserError(f"DQN needs a discrete action space; {env.id} has continuous actions "
+                        "(use agent.kind=ppo or a2c)")
+    agent = DQN(a, env.obs_shape, env.num_actions, varying)
     steps_per_iter = a.train_every * num_envs
     iters_per_block = t.log_every // steps_per_iter
     total_steps = t.total_steps
@@ -46,31 +52,47 @@ def make_program(cfg, env) -> Program:
         return Runner(agent.init(k_agent, hp), replay.init(example, a.buffer_size), env_state, obs,
                       EpisodeStats.init(num_envs), k_run)
 
-    def env_step(runner: Runner, hp):
-        key, k_act, k_env = jax.random.split(runner.key, 3)
-        eps = agent.epsilon(runner.agent.steps, hp, total_steps)
-        action = agent.act(runner.agent.params, runner.obs, k_act, eps)
-        out = jax.vmap(env.step)(jax.random.split(k_env, num_envs), runner.env_state, action)
-        buffer = replay.add(runner.buffer, Transition(runner.obs, action, out.reward, out.terminated, out.final_obs))
-        stats = runner.stats.update(out.reward, out.terminated | out.truncated)
-        agent_state = runner.agent.replace(steps=runner.agent.steps + num_envs)
-        return runner.replace(agent=agent_state, buffer=buffer, env_state=out.state, obs=out.obs,
-                              stats=stats, key=key)
+    def iteration(runner: Runner, hp, it):
+        steps_before = it * steps_per_iter
+        key, k_steps, k_sample = jax.random.split(runner.key, 3)
+        params = runner.agent.params
 
-    def iteration(runner: Runner, hp):
-        steps_before = runner.agent.steps
-        runner, _ = jax.lax.scan(lambda r, _: (env_step(r, hp), None), runner, None, length=a.train_every)
-        key, k_sample = jax.random.split(runner.key)
-        batch = replay.sample(runner.buffer, k_sample, a.batch_size)
-        new_agent, metrics = agent.update(runner.agent, batch, hp, steps_before)
-        learning = runner.agent.steps >= a.learning_starts + steps_per_iter
-        agent_state = tree_where(learning, new_agent, runner.agent)
-        return runner.replace(agent=agent_state, key=key), (metrics, learning)
+        def env_step(carry, xs):
+            env_state, obs, stats = carry
+            k, j = xs
+            k_act, k_env = jax.random.split(k)
+            eps = agent.epsilon(steps_before + j * num_envs, hp, total_steps)
+            action = agent.act(params, obs, k_act, eps)
+            out = jax.vmap(env.step)(jax.random.split(k_env, num_envs), env_state, action)
+            stats = stats.update(out.reward, out.terminated | out.truncated)
+            return (out.state, out.obs, stats), Transition(obs, action, out.reward, out.terminated, out.final_obs)
 
-    def block(runner: Runner, hp):
+        (env_state, obs, stats), trans = jax.lax.scan(
+            env_step, (runner.env_state, runner.obs, runner.stats),
+            (jax.random.split(k_steps, a.train_every), jnp.arange(a.train_every)))
+        trans = jax.tree.map(lambda x: x.reshape((steps_per_iter,) + x.shape[2:]), trans)
+        buffer = replay.add(runner.buffer, trans, steps_before)
+        steps_after = steps_before + steps_per_iter
+        batch = replay.sample(buffer, k_sample, a.batch_size, steps_after)
+
+        def learn(agent_state):
+            sync = sync_due(steps_before, steps_after, hp["target_update_period"])
+            return agent.update(agent_state, batch, hp, sync)
+
+        def wait(agent_state):  # before learning_starts: no update, but the value estimates are real
+            nan = jnp.full((), jnp.nan, jnp.float32)
+            return agent_state, {"loss": nan, "grad_norm": nan, **agent.q_stats(agent_state.params, batch.obs)}
+
+        # CleanRL: updates start once more than learning_starts steps were taken.
+        learning = steps_before >= a.learning_starts
+        agent_state, metrics = jax.lax.cond(learning, learn, wait, runner.agent)
+        return runner.replace(agent=agent_state, buffer=buffer, env_state=env_state, obs=obs, stats=stats,
+                              key=key), (metrics, learning)
+
+    def block(runner: Runner, hp, t_block):
         runner = runner.replace(stats=runner.stats.new_window())
-        runner, (metrics, learning) = jax.lax.scan(lambda r, _: iteration(r, hp), runner, None,
-                                                   length=iters_per_block)
+        its = t_block * iters_per_block + jnp.arange(iters_per_block)
+        runner, (metrics, learning) = jax.lax.scan(lambda r, it: iteration(r, hp, it), runner, its)
         # loss and grad_norm average the updates that were applied (NaN before learning starts);
         # the value estimates are real at every point, so they are reported throughout.
         out = {k: masked_mean(metrics[k], learning) for k in ("loss", "grad_norm")}
@@ -84,4 +106,4 @@ def make_program(cfg, env) -> Program:
         policy = lambda obs: jnp.argmax(agent.network.apply(params, obs), axis=-1)  # noqa: E731
         return greedy_returns(env, policy, key, t.eval_episodes)
 
-    return Program(init, block, evaluate, t.log_every, "q_max_abs", METRICS)
+    return Program(init, block, evaluate, t.log_every, "q_max_abs", METRICS, timed=True)
