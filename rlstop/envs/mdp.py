@@ -91,6 +91,16 @@ class FiniteMDP:
     def num_features(self) -> int:
         return self.features.shape[1]
 
+    @property
+    def reward_bound(self) -> float:
+        """r_max of the soft-divergence bound r_max / (1 - gamma) (van Hasselt et al. 2018).
+
+        max |R| over states and actions, but at least 1: with all rewards 0 (Baird's example,
+        two-state) max |R| would make the bound 0 and flag the initial weights; with the floor
+        the bound is 100 at gamma = 0.99. Host side only (reads the arrays as numpy).
+        """
+        return max(1.0, float(np.max(np.abs(np.asarray(self.rewards)), initial=0.0)))
+
 
 @flax.struct.dataclass
 class Transition:
