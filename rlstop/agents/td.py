@@ -48,6 +48,7 @@ import numpy as np
 
 from rlstop import losses
 from rlstop.envs import mdp as mdp_lib
+from rlstop.envs import resolve_backend
 from rlstop.errors import UserError
 
 UPDATES = ("sampled", "expected")
@@ -74,8 +75,6 @@ class TDConfig:
         def check(cond, msg):
             if not cond:
                 raise UserError(msg)
-
-        from rlstop.envs import resolve_backend
 
         check(self.update in UPDATES, f"agent.update={self.update!r} is not one of {', '.join(UPDATES)}")
         check(self.learning_rate > 0, f"agent.learning_rate={self.learning_rate} must be positive")
