@@ -98,6 +98,21 @@ def test_target_network_switch(setup):
     assert _norm(diff) > 0.0
 
 
+@pytest.mark.parametrize("varying", [frozenset(), frozenset({"stop_gradient_target", "target_network", "double_q"})])
+def test_update_gradient_equals_autodiff_of_the_loss(setup, varying):
+    """The two-part gradient in ``update`` (with conds, or with selects when the switches vary
+    across a batch) is exactly jax.grad of the one-function loss, for every combination."""
+    cfg, agent, state, target, batch = setup
+    agent = DQN(cfg, (OBS,), ACTIONS, varying)
+    for sg, tn, dq in itertools.product([True, False], repeat=3):
+        hp = hp_with(cfg, stop_gradient_target=sg, target_network=tn, double_q=dq)
+        (l1, _), g1 = agent.gradients(state.params, target, batch, hp)
+        (l2, _), g2 = jax.value_and_grad(agent.loss, has_aux=True)(state.params, target, batch, hp)
+        np.testing.assert_allclose(l1, l2, rtol=1e-6)
+        for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=f"sg={sg} tn={tn} dq={dq}")
+
+
 def test_double_q_selector_gets_no_gradient(setup):
     cfg, agent, state, target, batch = setup
     # Double Q with a target network: s' enters through the target (value) and the online

@@ -167,56 +167,85 @@ class DQN:
         random = jnp.minimum((scaled * self.num_actions).astype(greedy.dtype), self.num_actions - 1)
         return jnp.where(u < epsilon, random, greedy)
 
-    def loss(self, params, target_params, batch: Transition, hp, *, residual: bool = True):
-        """Mean squared TD error over the batch, and metrics.
+    def _td(self, q_tm1, q_t_value, q_t_selector, batch: Transition, hp):
+        """TD errors of the (double) Q-learning target; the selector is Q(s', .) of whichever
+        network picks the bootstrap action. With the selector equal to q_t_value, the double-Q
+        target is exactly the max target, so one code path serves both."""
+        discount_t = hp["gamma"] * (1.0 - batch.terminated.astype(q_tm1.dtype))
+        sg = hp["stop_gradient_target"]
+        return jax.vmap(lambda *a: losses.double_q_learning(*a, stop_gradient=sg))(
+            q_tm1, batch.action, batch.reward, discount_t, q_t_value, q_t_selector)
+
+    def _selector(self, params, q_t_value, batch: Transition, hp):
+        """Online Q(s', .) for double Q-learning, else the bootstrap values themselves (max target)."""
+        def online():
+            return jax.lax.stop_gradient(self.network.apply(params, batch.next_obs))
+
+        def own():
+            return jax.lax.stop_gradient(q_t_value)
+
+        return switch("double_q" in self.varying, hp["double_q"], online, own)
+
+    def _bootstrap_params(self, params, target_params, hp):
+        return _where_tree(hp["target_network"], jax.lax.stop_gradient(target_params), params)
+
+    def loss(self, params, target_params, batch: Transition, hp):
+        """Mean squared TD error over the batch, and metrics: the loss as one differentiable function.
 
         Q(s', .) comes from ``target_params`` when the target network is on, from the online
         ``params`` otherwise; in the latter case the gradient reaches the online parameters
-        through the target unless ``stop_gradient_target`` detaches it (residual gradient).
-        ``residual=False`` is the same loss with the bootstrap detached whatever the switches
-        say: the update uses it when no gradient can flow there, so no backward pass is spent
-        on the target.
+        through the target unless ``stop_gradient_target`` detaches it (the residual gradient).
+        ``update`` computes exactly the gradient of this function, by the chain rule in two
+        parts so that the part through the target costs nothing when it is zero.
         """
-        if residual:
-            bootstrap_params = _where_tree(hp["target_network"], jax.lax.stop_gradient(target_params), params)
-            sg = hp["stop_gradient_target"]
-        else:
-            bootstrap_params = jax.lax.stop_gradient(_where_tree(hp["target_network"], target_params, params))
-            sg = True
         q_tm1 = self.network.apply(params, batch.obs)
-        q_t_value = self.network.apply(bootstrap_params, batch.next_obs)
-        discount_t = hp["gamma"] * (1.0 - batch.terminated.astype(q_tm1.dtype))
-        args = (q_tm1, batch.action, batch.reward, discount_t, q_t_value)
+        q_t_value = self.network.apply(self._bootstrap_params(params, target_params, hp), batch.next_obs)
+        td = self._td(q_tm1, q_t_value, self._selector(params, q_t_value, batch, hp), batch, hp)
+        return jnp.mean(td**2), self._q_metrics(q_tm1, batch)
 
-        def max_q():
-            return jax.vmap(lambda *a: losses.q_learning(*a, stop_gradient=sg))(*args)
-
-        def double_q():
-            q_t_selector = self.network.apply(params, batch.next_obs)
-            return jax.vmap(lambda *a: losses.double_q_learning(*a, stop_gradient=sg))(*args, q_t_selector)
-
-        td = switch("double_q" in self.varying, hp["double_q"], double_q, max_q)
-        loss = jnp.mean(td**2)
+    def _q_metrics(self, q_tm1, batch):
         q_taken = jnp.take_along_axis(q_tm1, batch.action[:, None], axis=-1)
-        metrics = {"q_mean": jnp.mean(q_taken), "q_max_abs": jnp.max(jnp.abs(q_tm1))}
-        return loss, metrics
+        return {"q_mean": jnp.mean(q_taken), "q_max_abs": jnp.max(jnp.abs(q_tm1))}
+
+    def gradients(self, params, target_params, batch: Transition, hp):
+        """(loss, metrics), d loss / d params -- equal to ``jax.value_and_grad(self.loss)``.
+
+        dL/dθ = ∂L/∂θ through Q(s, a) + (∂Q(s', .)/∂θ)ᵀ ∂L/∂Q(s', .). The second term is
+        non-zero only with the target network off (else Q(s', .) does not depend on θ) and the
+        target not detached (else ∂L/∂Q(s', .) is exactly zero: the losses' stop_gradient
+        switch). It is a vector-Jacobian product of one forward pass, computed under a
+        ``lax.cond`` when the switches are shared by the batch.
+        """
+        bootstrap = self._bootstrap_params(params, target_params, hp)
+        q_t_value = self.network.apply(jax.lax.stop_gradient(bootstrap), batch.next_obs)
+        selector = self._selector(params, q_t_value, batch, hp)
+
+        def direct(p, q_next):
+            q_tm1 = self.network.apply(p, batch.obs)
+            td = self._td(q_tm1, q_next, selector, batch, hp)
+            return jnp.mean(td**2), self._q_metrics(q_tm1, batch)
+
+        (loss, metrics), (g_direct, ct_next) = jax.value_and_grad(direct, argnums=(0, 1), has_aux=True)(
+            params, q_t_value)
+
+        def through_target():
+            _, vjp = jax.vjp(lambda p: self.network.apply(p, batch.next_obs), params)
+            return vjp(ct_next)[0]
+
+        def nothing():
+            return jax.tree.map(jnp.zeros_like, params)
+
+        needs = jnp.logical_not(hp["stop_gradient_target"]) & jnp.logical_not(hp["target_network"])
+        if {"stop_gradient_target", "target_network"} & self.varying:
+            g_target = jax.tree.map(lambda g: jnp.where(needs, g, 0.0), through_target())
+        else:
+            g_target = jax.lax.cond(needs, through_target, nothing)
+        grads = jax.tree.map(jnp.add, g_direct, g_target)
+        return (loss, metrics), grads
 
     def update(self, state: DQNState, batch: Transition, hp, sync) -> tuple[DQNState, dict]:
         """One gradient step, then (if ``sync``) a target step of size target_tau (1 = hard copy)."""
-
-        def grads(residual: bool):
-            def f():
-                return jax.value_and_grad(lambda p: self.loss(p, state.target_params, batch, hp, residual=residual),
-                                          has_aux=True)(state.params)
-            return f
-
-        # The gradient flows through the target only with both the target network and the
-        # stop-gradient off; otherwise skip that backward pass.
-        needs_residual = jnp.logical_not(hp["stop_gradient_target"]) & jnp.logical_not(hp["target_network"])
-        if {"stop_gradient_target", "target_network"} & self.varying:
-            (loss, metrics), g = grads(True)()
-        else:
-            (loss, metrics), g = jax.lax.cond(needs_residual, grads(True), grads(False))
+        (loss, metrics), g = self.gradients(state.params, state.target_params, batch, hp)
         updates, opt_state = self.optimizer(hp).update(g, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         tau = hp["target_tau"]
