@@ -101,6 +101,9 @@ def table(runs: dict) -> pd.DataFrame:
         div = summary.get("diverged", {})
         div_steps = [s for s in div.get("step", []) if s is not None]
         nonfinite = div.get("nonfinite", [])
+        bound = div.get("bound")
+        peaks = div.get("peak") or []
+        peak_ratio = (max(np.inf if p is None else p for p in peaks) / bound) if peaks and bound else np.nan
         rows.append({
             "variant": label,
             "metric": metric,
@@ -110,19 +113,22 @@ def table(runs: dict) -> pd.DataFrame:
             "diverged_fraction": div.get("fraction", 0.0),
             "nonfinite_fraction": (sum(bool(x) for x in nonfinite) / len(nonfinite)) if nonfinite else 0.0,
             "median_diverged_step": float(np.median(div_steps)) if div_steps else np.nan,
+            "peak_over_bound": peak_ratio,
         })
     return pd.DataFrame(rows)
 
 
 def markdown(df: pd.DataFrame) -> str:
     head = ("| variant | metric | seeds | final IQM [95% CI] | AUC | diverged (soft or non-finite) | non-finite "
-            "| median step diverged |\n|---|---|---:|---|---:|---:|---:|---:|\n")
+            "| median step diverged | peak value / bound |\n|---|---|---:|---|---:|---:|---:|---:|---:|\n")
     lines = []
     for r in df.itertuples():
         ci = f"{r.final_iqm:.4g} [{r.ci_low:.4g}, {r.ci_high:.4g}]" if np.isfinite(r.final_iqm) else "n/a (all non-finite)"
         when = f"{r.median_diverged_step:,.0f}" if np.isfinite(r.median_diverged_step) else "-"
+        peak = "-" if not np.isfinite(r.peak_over_bound) and np.isnan(r.peak_over_bound) else (
+            "non-finite" if not np.isfinite(r.peak_over_bound) else f"{r.peak_over_bound:.3g}")
         lines.append(f"| {r.variant} | {r.metric} | {r.seeds} | {ci} | {r.auc:.4g} | {r.diverged_fraction:.0%} "
-                     f"| {r.nonfinite_fraction:.0%} | {when} |")
+                     f"| {r.nonfinite_fraction:.0%} | {when} | {peak} |")
     return head + "\n".join(lines) + "\n"
 
 
@@ -133,20 +139,30 @@ def plot_metric(runs: dict, metric: str, path: str, title: str = "") -> bool:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=120)
-    drawn = False
+    drawn, seen, bounds = False, [], set()
     for i, (label, (summary, df)) in enumerate(runs.items()):
         if metric not in df.columns or not df[metric].notna().any():
             continue
         steps, vals = pivot(df, metric)
-        keep = np.isfinite(vals).any(axis=0) | np.isnan(vals).all(axis=0) == False  # noqa: E712
         mean, lo, hi = curve_band(vals, seed=i)
         ok = np.isfinite(mean)
         color = f"C{i % 10}"
-        n_div = sum(s is not None for s in summary.get("diverged", {}).get("step", []))
+        div = summary.get("diverged", {})
+        n_div = sum(s is not None for s in div.get("step", []))
         lab = label + (f"  ({n_div}/{vals.shape[0]} seeds diverged)" if n_div else "")
-        ax.plot(steps[ok], mean[ok], color=color, label=lab, lw=1.6)
+        # A variant whose curve equals an earlier one exactly (e.g. a switch that changes nothing
+        # in this configuration) is drawn dashed and says so, instead of hiding under it.
+        twin = next((name for name, v in seen if v.shape == vals.shape and np.array_equal(v, vals, equal_nan=True)), None)
+        if twin is not None:
+            lab += f"  (identical to {twin})"
+        seen.append((label, vals))
+        ax.plot(steps[ok], mean[ok], color=color, label=lab, lw=1.6, ls="--" if twin else "-")
         ax.fill_between(steps[ok], lo[ok], hi[ok], color=color, alpha=0.2, lw=0)
-        drawn = drawn or bool(ok.any()) or bool(keep.any())
+        if div.get("value_metric") == metric and div.get("bound"):
+            bounds.add(float(div["bound"]))
+        drawn = drawn or bool(ok.any())
+    for b in sorted(bounds):
+        ax.axhline(b, color="k", ls=":", lw=1, label=f"soft-divergence bound r_max/(1-gamma) = {b:g}")
     if not drawn:
         plt.close(fig)
         return False

@@ -128,7 +128,9 @@ def summarise(run: Run, res, i: int) -> dict:
         "status": status,
         "seeds": [cfg.train.seed + j for j in range(cfg.train.seeds)],
         "final": final,
-        "diverged": {"fraction": n_div / cfg.train.seeds, "step": diverged_steps, "nonfinite": res.nonfinite[i]},
+        "diverged": {"fraction": n_div / cfg.train.seeds, "step": diverged_steps, "nonfinite": res.nonfinite[i],
+                     "value_metric": res.value_metric, "bound": res.bounds[i] if res.bounds else None,
+                     "peak": _peak(df, res.value_metric)},
         "overrides": run.overrides,
         "wall_s": res.wall_s,
         "compile_s": res.compile_s,
@@ -136,6 +138,17 @@ def summarise(run: Run, res, i: int) -> dict:
         "batch": sum(c.train.seeds for c in res.cfgs),
         "versions": results.versions(),
     }
+
+
+def _peak(df, metric: str):
+    """Per seed: the largest magnitude of the divergence metric; None (JSON) once it was non-finite."""
+    if metric not in df.columns:
+        return None
+    out = []
+    for _, g in df.groupby("seed", sort=True):
+        v = g[metric].to_numpy(dtype=np.float64)
+        out.append(float(np.max(np.abs(v))) if np.isfinite(v).all() else float("inf"))
+    return out
 
 
 def write_run(run_dir: str, run: Run, res, i: int) -> dict:

@@ -105,6 +105,8 @@ class GroupResult:
     env_steps_per_s: float
     compiles: int
     extras: list = field(default_factory=list)  # per run: dict of extra final values (e.g. weights)
+    value_metric: str = ""       # the metric the divergence check reads
+    bounds: list = field(default_factory=list)   # per run: its soft-divergence bound
 
 
 def batched(fn, batch: int, in_axes):
@@ -197,13 +199,14 @@ def run_group(cfgs: list, progress=None, on_chunk=None, start_runner=None, start
     extras_fn = getattr(importlib.import_module(LOOPS[cfg0.agent.kind]), "final_extras", None)
     extras_all = extras_fn(runner, env) if extras_fn else None
 
-    out_metrics, div_steps, nonfin, extras = [], [], [], []
+    out_metrics, div_steps, nonfin, extras, bounds = [], [], [], [], []
     offset = 0
     for c in cfgs:
         sl = slice(offset, offset + c.train.seeds)
         offset += c.train.seeds
         m = {k: v[sl] for k, v in metrics.items()}
-        div, first, nf = detect_divergence(m[program.value_metric], steps, value_bound(c, env))
+        bounds.append(value_bound(c, env))
+        div, first, nf = detect_divergence(m[program.value_metric], steps, bounds[-1])
         m["diverged"] = div.astype(np.int64)
         frames = []
         for j in range(c.train.seeds):
@@ -220,7 +223,7 @@ def run_group(cfgs: list, progress=None, on_chunk=None, start_runner=None, start
 
     env_steps = (lay.num_chunks - start_chunk) * lay.steps_per_chunk * batch
     return GroupResult(cfgs, out_metrics, div_steps, nonfin, wall_s, compile_s,
-                       env_steps / max(run_s, 1e-9), 2, extras)
+                       env_steps / max(run_s, 1e-9), 1, extras, program.value_metric, bounds)
 
 
 def value_bound(cfg, env) -> float:
