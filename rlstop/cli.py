@@ -146,7 +146,13 @@ COMMANDS = {"train": cmd_train, "sweep": cmd_sweep, "ablate": cmd_ablate, "compa
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = _parser().parse_args(argv)
+        args, extra = _parser().parse_known_args(argv)
+        # key=value overrides may also come after the flags
+        if extra:
+            bad = [e for e in extra if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")]
+            if bad:
+                raise UserError(f"unrecognized argument {bad[0]!r}; see `rlstop {args.command or ''} --help`".replace(" ''", ""))
+            args.overrides = list(args.overrides) + extra
         if args.command is None:
             _parser().print_help()
             return 2

@@ -95,7 +95,9 @@ def _valid_keys(schema: DictConfig) -> list[str]:
 
 
 def _closest(key: str, valid: list[str]) -> str:
-    close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
+    scored = sorted(((difflib.SequenceMatcher(None, key, v).ratio(), v) for v in valid), reverse=True)
+    # the best matches, and any other nearly as close
+    close = [v for r, v in scored[:3] if r >= 0.6 and r >= scored[0][0] - 0.05]
     if not close:  # try the last component alone (agent.lr -> agent.learning_rate is too far)
         last = key.rsplit(".", 1)[-1]
         close = [v for v in valid if last in v.rsplit(".", 1)[-1]][:3]

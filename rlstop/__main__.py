@@ -1,0 +1,5 @@
+import sys
+
+from rlstop.cli import main
+
+sys.exit(main())
