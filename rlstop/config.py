@@ -235,6 +235,15 @@ def validate(cfg: RunConfig) -> None:
     _check(t.eval_every >= 0, f"train.eval_every={t.eval_every} must be >= 0 (0 = at every log point)")
     _check(t.eval_episodes >= 1, f"train.eval_episodes={t.eval_episodes} must be >= 1")
     _check(t.checkpoint_every >= 0, f"train.checkpoint_every={t.checkpoint_every} must be >= 0 (0 = only at the end)")
+    _check(t.total_steps % t.log_every == 0,
+           f"train.total_steps={t.total_steps} must be a multiple of train.log_every={t.log_every}")
+    period = t.eval_every or t.log_every
+    _check(period % t.log_every == 0 and t.total_steps % period == 0,
+           f"train.eval_every={t.eval_every} must be a multiple of train.log_every={t.log_every} "
+           f"that divides train.total_steps={t.total_steps}")
+    _check(t.checkpoint_every % period == 0,
+           f"train.checkpoint_every={t.checkpoint_every} must be a multiple of the evaluation period "
+           f"({period} env steps)")
     _check(e.backend in BACKENDS, f"env.backend={e.backend!r} is not one of {', '.join(BACKENDS)}")
     _check(e.num_envs >= 1, f"env.num_envs={e.num_envs} must be >= 1")
     cfg.agent.validate(cfg)

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
 import time
 from dataclasses import dataclass
 
+import jax
 import numpy as np
 
 from rlstop import config as config_lib
@@ -151,9 +153,15 @@ def _peak(df, metric: str):
     return out
 
 
-def write_run(run_dir: str, run: Run, res, i: int) -> dict:
+def write_run(run_dir: str, run: Run, res, i: int, offset: int) -> dict:
+    from rlstop.train import checkpoints
+
     os.makedirs(run_dir, exist_ok=True)
     results.atomic_write(os.path.join(run_dir, "config.yaml"), config_lib.to_yaml(run.cfg))
+    if res.runner is not None:
+        n = run.cfg.train.seeds
+        checkpoints.save_final(os.path.join(run_dir, "checkpoints", "final"),
+                               jax.tree.map(lambda x: x[offset:offset + n], res.runner))
     results.write_metrics(os.path.join(run_dir, "metrics.csv"), res.metrics[i])
     summary = summarise(run, res, i)
     results.write_json(os.path.join(run_dir, "summary.json"), summary)  # last: marks the run finished
@@ -249,15 +257,25 @@ def execute(runs: list[Run], out_root: str, sweep_name: str | None = None, show_
             batch = sum(r.cfg.train.seeds for r in todo)
             label = todo[0].name if len(todo) == 1 else f"group {gi} ({len(todo)} runs)"
             update = rep.task(f"{label} x{batch}", todo[0].cfg.train.total_steps, batch)
-            res = run_group([r.cfg for r in todo], progress=update)
+            for r in todo:  # the resolved config first: a killed run is recognised on the rerun
+                results.atomic_write(os.path.join(root, r.name, "config.yaml"), config_lib.to_yaml(r.cfg))
+            ckpt_dir = (os.path.join(root, todo[0].name, "checkpoints", "latest") if len(todo) == 1 else
+                        os.path.join(root, ".checkpoints", "group-" + "-".join(sorted(r.name for r in todo))[:80]))
+            res = run_group([r.cfg for r in todo], progress=update, ckpt_dir=ckpt_dir)
+            if res.resumed_from:
+                rep.print(f"resumed {label} from its checkpoint at {res.resumed_from:,} env steps")
+            offset = 0
             for i, r in enumerate(todo):
-                s = write_run(os.path.join(root, r.name), r, res, i)
+                s = write_run(os.path.join(root, r.name), r, res, i, offset)
+                offset += r.cfg.train.seeds
                 summaries[r.name] = s
                 state["runs"][r.name].update({"status": s["status"], "compile_s": s["compile_s"],
                                               "wall_s": s["wall_s"]})
             state["groups"].append({"group": gi, "runs": [r.name for r in todo], "compiles": res.compiles,
-                                    "batch": batch, "compile_s": res.compile_s, "wall_s": res.wall_s})
+                                    "batch": batch, "compile_s": res.compile_s, "wall_s": res.wall_s,
+                                    "resumed_from": res.resumed_from})
             save_state()
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
             for r in todo:
                 rep.print(_one_line(summaries[r.name], os.path.join(root, r.name)))
     return [summaries[r.name] for r in runs]

@@ -72,7 +72,7 @@ def test_train_writes_the_run_folder_and_resumes(tmp_path, capsys):
     code, out, err = run_cli(args, capsys)
     assert code == 0, err
     run = os.path.join(out_dir, "dqn_cartpole")
-    assert sorted(os.listdir(run)) >= ["config.yaml", "metrics.csv", "summary.json"]
+    assert sorted(os.listdir(run)) == ["checkpoints", "config.yaml", "metrics.csv", "summary.json"]
     df = pd.read_csv(os.path.join(run, "metrics.csv"))
     assert list(df.columns[:4]) == ["seed", "env_steps", "episode_return", "eval_return"]
     assert {"q_mean", "q_max_abs", "loss", "grad_norm", "diverged"} <= set(df.columns)

@@ -21,6 +21,7 @@ import pandas as pd
 
 from rlstop import config as config_lib
 from rlstop.envs import make_env, resolve_backend
+from rlstop.train import checkpoints
 from rlstop.train.common import Program
 
 LOOPS = {"dqn": "rlstop.train.offpolicy", "a2c": "rlstop.train.onpolicy", "ppo": "rlstop.train.onpolicy",
@@ -84,11 +85,15 @@ class Layout:
 
 
 def layout(cfg, program: Program, target_chunks: int = 20) -> Layout:
+    """Chunks of whole evaluation periods that tile the run (and every checkpoint interval)
+    exactly, about ``target_chunks`` of them. A function of the config alone, so a resumed run
+    cuts its chunks where the interrupted one did."""
     t = cfg.train
     eval_every = t.eval_every or t.log_every
     blocks_per_eval = eval_every // program.steps_per_block
     periods = t.total_steps // eval_every
-    per_chunk = _divisor_near(periods, max(1, round(periods / target_chunks)))
+    tile = t.checkpoint_every // eval_every if t.checkpoint_every else periods
+    per_chunk = _divisor_near(tile, max(1, round(periods / target_chunks)))
     return Layout(blocks_per_eval, per_chunk, periods // per_chunk, program.steps_per_block)
 
 
@@ -107,6 +112,8 @@ class GroupResult:
     extras: list = field(default_factory=list)  # per run: dict of extra final values (e.g. weights)
     value_metric: str = ""       # the metric the divergence check reads
     bounds: list = field(default_factory=list)   # per run: its soft-divergence bound
+    runner: object = None        # the final state of the whole batch (agents, buffers, envs, keys)
+    resumed_from: int = 0        # env steps restored from a checkpoint (0: a fresh start)
 
 
 def batched(fn, batch: int, in_axes):
@@ -148,11 +155,14 @@ def compile_chunk(program: Program, lay: Layout, runner, hp, hp_axes):
     return jax.jit(fn, donate_argnums=0).lower(runner, hp, jnp.zeros((), jnp.int32)).compile()
 
 
-def run_group(cfgs: list, progress=None, on_chunk=None, start_runner=None, start_chunk: int = 0) -> GroupResult:
+def run_group(cfgs: list, progress=None, ckpt_dir: str | None = None) -> GroupResult:
     """Train every config in ``cfgs`` (all sharing one static signature) as one vmapped batch.
 
-    ``progress(done_steps, total_steps)`` is called after each chunk; ``on_chunk(i, runner, rows)``
-    may save checkpoints; ``start_runner``/``start_chunk`` resume from one.
+    ``progress(done_steps, total_steps)`` is called after each chunk. With ``ckpt_dir``, the
+    whole batch state and the metrics so far are saved there every ``train.checkpoint_every``
+    env steps, and a run restarted with the same configs continues from the last one: chunks are
+    cut at the same places and the state carries every key, so the result is the same as an
+    uninterrupted run.
     """
     cfg0 = cfgs[0]
     if cfg0.train.x64:
@@ -166,23 +176,32 @@ def run_group(cfgs: list, progress=None, on_chunk=None, start_runner=None, start
 
     t0 = time.perf_counter()
     init = jax.jit(batched(program.init, batch, (0, hp_axes))).lower(keys, hp).compile()
-    runner = init(keys, hp) if start_runner is None else start_runner
+    runner = init(keys, hp)
     chunk = compile_chunk(program, lay, runner, hp, hp_axes)
     compile_s = time.perf_counter() - t0
 
-    rows, evals = [], []
+    rows, evals, start_chunk = [], [], 0
+    ckpt = checkpoints.GroupCheckpoint(ckpt_dir, cfgs) if ckpt_dir else None
+    if ckpt is not None:
+        restored = ckpt.restore(runner)
+        if restored is not None:
+            runner, rows, evals, start_chunk = restored
     t_run = time.perf_counter()
     total = cfg0.train.total_steps
+    every = cfg0.train.checkpoint_every
+    if progress is not None and start_chunk:
+        progress(start_chunk * lay.steps_per_chunk, total)
     for i in range(start_chunk, lay.num_chunks):
         runner, (m, ev) = chunk(runner, hp, jnp.asarray(i, jnp.int32))
         m = jax.device_get(m)
         ev = np.asarray(jax.device_get(ev))
         rows.append({k: np.asarray(v).reshape(batch, -1) for k, v in m.items()})
         evals.append(ev)
-        if on_chunk is not None:
-            on_chunk(i, runner, rows, evals)
+        done = (i + 1) * lay.steps_per_chunk
+        if ckpt is not None and every and done % every == 0 and i + 1 < lay.num_chunks:
+            ckpt.save(done, runner, rows, evals, i + 1)
         if progress is not None:
-            progress((i + 1) * lay.steps_per_chunk, total)
+            progress(done, total)
     jax.block_until_ready(runner)
     run_s = time.perf_counter() - t_run
     wall_s = time.perf_counter() - t0
@@ -194,7 +213,7 @@ def run_group(cfgs: list, progress=None, on_chunk=None, start_runner=None, start
     eval_col[:, lay.blocks_per_eval - 1::lay.blocks_per_eval] = ev
     if program.evaluate is not None:
         metrics["eval_return"] = eval_col
-    steps = (np.arange(n_logs) + 1 + start_chunk * lay.steps_per_chunk // lay.steps_per_block) * lay.steps_per_block
+    steps = (np.arange(n_logs) + 1) * lay.steps_per_block
 
     extras_fn = getattr(importlib.import_module(LOOPS[cfg0.agent.kind]), "final_extras", None)
     extras_all = extras_fn(runner, env) if extras_fn else None
@@ -223,7 +242,8 @@ def run_group(cfgs: list, progress=None, on_chunk=None, start_runner=None, start
 
     env_steps = (lay.num_chunks - start_chunk) * lay.steps_per_chunk * batch
     return GroupResult(cfgs, out_metrics, div_steps, nonfin, wall_s, compile_s,
-                       env_steps / max(run_s, 1e-9), 1, extras, program.value_metric, bounds)
+                       env_steps / max(run_s, 1e-9), 1, extras, program.value_metric, bounds,
+                       runner, start_chunk * lay.steps_per_chunk)
 
 
 def value_bound(cfg, env) -> float:

@@ -107,3 +107,10 @@ def make_program(cfg, env, varying: frozenset = frozenset()) -> Program:
         return greedy_returns(env, policy, key, t.eval_episodes)
 
     return Program(init, block, evaluate, t.log_every, "q_max_abs", METRICS, timed=True)
+
+
+def greedy_policy(cfg, env, runner):
+    """obs [N, ...] -> greedy actions, for rendering one seed's policy outside the loop."""
+    agent = DQN(cfg.agent, env.obs_shape, env.num_actions)
+    params = runner.agent.params
+    return lambda obs: jnp.argmax(agent.network.apply(params, obs), axis=-1)
