@@ -49,3 +49,35 @@ class QNetwork(nn.Module):
         x = obs.reshape(obs.shape[:-1] + (-1,)) if obs.ndim > 1 else obs
         x = MLP(self.hidden_sizes, self.activation, self.layer_norm, name="torso")(x)
         return nn.Dense(self.num_actions, name="head")(x)
+
+
+class NatureCNN(nn.Module):
+    """The convolutional torso of DQN (Mnih et al. 2015): 32 8x8 filters stride 4, 64 4x4 stride 2,
+    64 3x3 stride 1, each followed by ReLU, then flattened.
+
+    Takes stacked frames channels-first, [..., C, H, W] (as gymnasium's FrameStackObservation
+    gives them; uint8 in [0, 255], scaled to [0, 1] here, so replay can store bytes).
+    """
+
+    @nn.compact
+    def __call__(self, frames: jnp.ndarray) -> jnp.ndarray:
+        x = jnp.moveaxis(jnp.asarray(frames, jnp.float32) / 255.0, -3, -1)  # -> [..., H, W, C]
+        for features, kernel, stride in ((32, 8, 4), (64, 4, 2), (64, 3, 1)):
+            x = nn.relu(nn.Conv(features, (kernel, kernel), (stride, stride), padding="VALID")(x))
+        return x.reshape(x.shape[:-3] + (-1,))
+
+
+class ConvQNetwork(nn.Module):
+    """Q(s, .) on image observations: NatureCNN torso, then the MLP (512 units in the paper, with
+    the same LayerNorm option as ``QNetwork``) and a linear head with one output per action."""
+
+    num_actions: int
+    hidden_sizes: Sequence[int] = (512,)
+    activation: str = "relu"
+    layer_norm: bool = False
+
+    @nn.compact
+    def __call__(self, obs: jnp.ndarray) -> jnp.ndarray:
+        x = NatureCNN(name="cnn")(obs)
+        x = MLP(self.hidden_sizes, self.activation, self.layer_norm, name="torso")(x)
+        return nn.Dense(self.num_actions, name="head")(x)

@@ -164,6 +164,10 @@ def run_group(cfgs: list, progress=None, ckpt_dir: str | None = None) -> GroupRe
     cut at the same places and the state carries every key, so the result is the same as an
     uninterrupted run.
     """
+    if resolve_backend(cfgs[0].env) == "gymnasium":  # envs stepped on the host: the same agents, jitted
+        from rlstop.train import host
+
+        return host.run_group(cfgs, progress=progress)
     cfg0 = cfgs[0]
     if cfg0.train.x64:
         jax.config.update("jax_enable_x64", True)

@@ -1,0 +1,341 @@
+"""The host loop: gymnasium vector envs stepped in Python, the agents' own jitted functions for the rest.
+
+Where the env is not JAX-native it cannot live inside ``lax.scan``; everything else still can.
+The loop steps a ``gymnasium.vector.SyncVectorEnv`` (``env.num_envs`` sub-envs, autoreset in the
+same step) and calls the same agent functions as the scan loop (``DQN.act``, ``DQN.update``,
+``replay.add`` / ``replay.sample``, ``DQN.epsilon``, ``sync_due``), each compiled ahead of time
+once per group (``jax.jit(...).lower(...).compile()``: a compiled call skips jit's dispatch
+checks, which on a small CPU cost as much as the step itself). Per vector step there is one act
+call; per ``train_every`` steps the host hands the transitions over in one batch and one call
+writes them to replay, samples and updates. The epsilon schedule and the action keys of a whole
+logging block come from one call too.
+
+Termination and truncation stay apart: a transition stores the true next observation
+(``info["final_obs"]`` where an episode ended) and ``terminated`` alone cuts the bootstrap, so a
+time-limit truncation bootstraps from its real last state and nothing crosses an episode boundary.
+
+Runs of a group and seeds of a run train one after another, each with its own vector env seeded
+``seed * num_envs + i`` for sub-env i and its key ``PRNGKey(seed)``, so a run is reproducible;
+all of them share the compiled functions (values that differ between runs are traced arguments).
+The result is the scan loop's ``GroupResult``: the same metric columns, ``eval_return`` from
+``train.eval_episodes`` greedy episodes every evaluation period, the same divergence check.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+
+from rlstop.agents import replay
+from rlstop.agents.replay import Transition
+from rlstop.envs import gymnasium_env as genv
+from rlstop.errors import UserError
+
+
+def run_group(cfgs: list, progress: Callable | None = None):
+    """Train every config in ``cfgs`` (one static signature) on the host loop -> ``GroupResult``."""
+    from rlstop.train.driver import GroupResult, detect_divergence, value_bound
+
+    cfg0 = cfgs[0]
+    if cfg0.train.x64:
+        jax.config.update("jax_enable_x64", True)
+    # The loop makes one small call per env step and waits for its result: run computations inline
+    # in this thread rather than handing each to the CPU client's dispatch thread, which halves a
+    # call's latency on a busy 2-core machine. Takes effect only where no computation ran before in
+    # this process (as under `rlstop train`); the scan loop's few large calls do not notice it.
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
+    env = genv.GymnasiumEnv(cfg0.env.id)
+    loops = {"dqn": DQNLoop, "a2c": ActorCriticLoop, "ppo": ActorCriticLoop}
+    if cfg0.agent.kind not in loops:
+        raise UserError(f"agent.kind={cfg0.agent.kind!r} has no gymnasium loop (it runs on finite MDPs: "
+                        "env.backend=mdp); use dqn, a2c or ppo with gymnasium envs")
+    t0 = time.perf_counter()
+    loop = loops[cfg0.agent.kind](cfg0, env)
+    compile_s = time.perf_counter() - t0
+
+    t = cfg0.train
+    eval_every = t.eval_every or t.log_every
+    blocks_per_eval = max(1, eval_every // t.log_every)
+    n_blocks = (t.total_steps // eval_every) * blocks_per_eval
+    pairs = [(c, c.train.seed + j) for c in cfgs for j in range(c.train.seeds)]
+    total = n_blocks * t.log_every
+
+    per_pair = []
+    t_run = time.perf_counter()
+    for k, (c, seed) in enumerate(pairs):
+        def report(done, k=k):
+            if progress is not None:
+                progress((k * total + done) // len(pairs), total)
+
+        per_pair.append(loop.run(c, seed, n_blocks, blocks_per_eval, report)[0])
+    run_s = time.perf_counter() - t_run
+
+    steps = (np.arange(n_blocks) + 1) * t.log_every
+    out, div_steps, nonfin, bounds = [], [], [], []
+    k = 0
+    for c in cfgs:
+        rows = per_pair[k:k + c.train.seeds]
+        k += c.train.seeds
+        names = sorted(rows[0])  # the scan loop's order: its metrics come back as a sorted pytree
+        m = {n: np.stack([r[n] for r in rows]) for n in names}  # [seeds, points]
+        bounds.append(value_bound(c, env))
+        div, first, nf = detect_divergence(m[loop.value_metric], steps, bounds[-1])
+        m["diverged"] = div.astype(np.int64)
+        frames = []
+        for j in range(c.train.seeds):
+            d = {"seed": np.full(n_blocks, c.train.seed + j), "env_steps": steps}
+            d.update({n: v[j] for n, v in m.items()})
+            frames.append(pd.DataFrame(d))
+        df = pd.concat(frames, ignore_index=True)
+        lead = ["seed", "env_steps", "episode_return", "eval_return"]
+        out.append(df[lead + [n for n in df.columns if n not in lead]])
+        div_steps.append(first)
+        nonfin.append(nf)
+    return GroupResult(cfgs=cfgs, metrics=out, diverged_step=div_steps, nonfinite=nonfin,
+                       wall_s=time.perf_counter() - t0, compile_s=compile_s,
+                       env_steps_per_s=total * len(pairs) / max(run_s, 1e-9), compiles=loop.compiles,
+                       extras=[{} for _ in cfgs], value_metric=loop.value_metric, bounds=bounds)
+
+
+# ---------------------------------------------------------------------------------------------
+# pieces both loops share
+
+
+class Observer:
+    """Observations as the agent sees them: cast to its dtype and, with ``env.normalize_obs``,
+    normalised by running moments that training updates and evaluation only reads."""
+
+    def __init__(self, env: genv.GymnasiumEnv, normalize: bool):
+        self.dtype = env.obs_dtype
+        self.normalize = normalize and not env.image
+        self.state = genv.normalizer_init(env.obs_shape) if self.normalize else None
+
+    def train(self, obs: np.ndarray, next_obs: np.ndarray):
+        """(obs to act on, true next obs) after a training step; updates the moments first."""
+        if not self.normalize:
+            if obs.dtype != self.dtype:
+                return obs.astype(self.dtype), next_obs.astype(self.dtype)
+            return obs, next_obs
+        self.state = genv.normalizer_update(self.state, obs)
+        return genv.normalize(self.state, obs), genv.normalize(self.state, next_obs)
+
+    def __call__(self, obs: np.ndarray) -> np.ndarray:
+        if self.normalize:
+            return genv.normalize(self.state, obs)
+        return np.asarray(obs, self.dtype)
+
+
+def greedy_return(env: genv.GymnasiumEnv, envs: list, policy: Callable, observe: Observer, seeds: list) -> float:
+    """Mean undiscounted return of one episode in each of ``envs`` (reset with ``seeds``), run in
+    parallel with one policy call per step for all of them; each ends at its first termination or
+    truncation (the env's own time limit)."""
+    obs = np.stack([e.reset(seed=s)[0] for e, s in zip(envs, seeds)])
+    ret = np.zeros(len(envs))
+    alive = np.ones(len(envs), bool)
+    while alive.any():
+        action = env.to_env_action(np.asarray(policy(observe(obs))))
+        for i in np.flatnonzero(alive):
+            o, r, terminated, truncated, _ = envs[i].step(action[i])
+            obs[i] = o
+            ret[i] += r
+            alive[i] = not (terminated or truncated)
+    return float(ret.mean())
+
+
+def eval_seeds(seed: int, index: int, n: int) -> list[int]:
+    """Seeds of the evaluation episodes: fixed by the run's seed and the evaluation's index, apart
+    from the training envs' seeds."""
+    return [1_000_003 * (seed + 1) + index * n + i for i in range(n)]
+
+
+def _window_mean(returns: list) -> float:
+    return float(np.mean(returns)) if len(returns) else float("nan")
+
+
+def _aot(fn, *args, donate=()):
+    return jax.jit(fn, donate_argnums=donate).lower(*args).compile()
+
+
+def _abstract(tree):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree)
+
+
+# ---------------------------------------------------------------------------------------------
+# DQN
+
+
+@flax.struct.dataclass
+class Learner:
+    """What lives on the device between calls: the agent, its replay buffer, keys, metric sums."""
+
+    agent: Any
+    buffer: replay.ReplayState
+    key: jax.Array       # sampling
+    act_key: jax.Array   # exploration (folded with the block index)
+    acc: dict            # metric sums over the logging block so far
+
+
+def _zero_acc():
+    z = jnp.zeros((), jnp.float32)
+    return {"loss": z, "grad_norm": z, "learned": z, "q_mean": z, "iters": z, "q_max_abs": z}
+
+
+class DQNLoop:
+    """DQN on gymnasium envs: the scan loop's iteration (``train_every`` vector steps, one replay
+    write, one update) with the env steps taken on the host."""
+
+    value_metric = "q_max_abs"
+    compiles = 5
+
+    def __init__(self, cfg, env: genv.GymnasiumEnv):
+        from rlstop.agents import dqn
+        from rlstop.networks import ConvQNetwork
+
+        if not env.discrete:
+            raise UserError(f"DQN needs a discrete action space; {env.id} has a Box action space "
+                            "(use agent.kind=ppo or a2c)")
+        a = cfg.agent
+        self.cfg, self.env = cfg, env
+        self.agent = agent = dqn.DQN(a, env.obs_shape, env.num_actions)
+        if env.image:  # images: the Nature CNN before the MLP (agent.hidden_sizes, 512 in the paper)
+            agent.network = ConvQNetwork(env.num_actions, tuple(a.hidden_sizes), a.activation, a.layer_norm)
+        self.sync_due = dqn.sync_due
+        n = cfg.env.num_envs
+        self.num_envs = n
+        self.steps_per_iter = a.train_every * n
+        self.iters_per_block = cfg.train.log_every // self.steps_per_iter
+        self.vsteps_per_block = cfg.train.log_every // n
+
+        hp = dqn.hparams(a)
+        key = jax.random.PRNGKey(0)
+        obs = np.zeros((n,) + env.obs_shape, env.obs_dtype)
+        learner = jax.eval_shape(self._init, key, hp)
+        chunk = Transition(np.zeros((self.steps_per_iter,) + env.obs_shape, env.obs_dtype),
+                           np.zeros(self.steps_per_iter, np.int32), np.zeros(self.steps_per_iter, np.float32),
+                           np.zeros(self.steps_per_iter, bool),
+                           np.zeros((self.steps_per_iter,) + env.obs_shape, env.obs_dtype))
+        self.init = _aot(self._init, key, hp)
+        self.schedule = _aot(self._schedule, learner.act_key, np.int32(0), hp)
+        self.act = _aot(agent.act, learner.agent.params, obs, key, np.float32(0))
+        self.learn = _aot(self._learn, learner, _abstract(chunk), np.int32(0), True, hp, donate=(0,))
+        e = cfg.train.eval_episodes
+        self.greedy = _aot(agent.act, learner.agent.params, np.zeros((e,) + env.obs_shape, env.obs_dtype),
+                           key, np.float32(0))
+
+    # -- the device side ------------------------------------------------------------------------
+    def _init(self, key, hp) -> Learner:
+        k_agent, k_learn, k_act = jax.random.split(key, 3)
+        shape, dtype = self.env.obs_shape, self.env.obs_dtype
+        example = Transition(jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32), jnp.zeros(()),
+                             jnp.zeros((), jnp.bool_), jnp.zeros(shape, dtype))
+        return Learner(self.agent.init(k_agent, hp), replay.init(example, self.cfg.agent.buffer_size),
+                       k_learn, k_act, _zero_acc())
+
+    def _schedule(self, act_key, block, hp):
+        """Keys and epsilons of every vector step of logging block ``block`` (epsilon at the
+        global step count, as the scan loop computes it)."""
+        v = self.vsteps_per_block
+        steps = block * self.cfg.train.log_every + jnp.arange(v) * self.num_envs
+        eps = self.agent.epsilon(steps, hp, self.cfg.train.total_steps).astype(jnp.float32)
+        return jax.random.split(jax.random.fold_in(act_key, block), v), eps
+
+    def _learn(self, learner: Learner, trans: Transition, steps_before, fresh, hp) -> Learner:
+        """The scan loop's iteration after its env steps: replay write, sample, update (once
+        learning has started; else the value estimates of the sample), metric sums."""
+        a, agent = self.cfg.agent, self.agent
+        key, k_sample = jax.random.split(learner.key)
+        buffer = replay.add(learner.buffer, trans, steps_before)
+        steps_after = steps_before + self.steps_per_iter
+        batch = replay.sample(buffer, k_sample, a.batch_size, steps_after)
+
+        def learn(state):
+            return agent.update(state, batch, hp, self.sync_due(steps_before, steps_after, hp["target_update_period"]))
+
+        def wait(state):
+            nan = jnp.full((), jnp.nan, jnp.float32)
+            return state, {"loss": nan, "grad_norm": nan, **agent.q_stats(state.params, batch.obs)}
+
+        learning = steps_before >= a.learning_starts  # CleanRL: after learning_starts steps
+        state, m = jax.lax.cond(learning, learn, wait, learner.agent)
+        acc = jax.tree.map(lambda x: jnp.where(fresh, jnp.zeros_like(x), x), learner.acc)
+        on = learning.astype(jnp.float32)
+        acc = {"loss": acc["loss"] + jnp.where(learning, m["loss"], 0.0),
+               "grad_norm": acc["grad_norm"] + jnp.where(learning, m["grad_norm"], 0.0),
+               "learned": acc["learned"] + on,
+               "q_mean": acc["q_mean"] + m["q_mean"],
+               "iters": acc["iters"] + 1.0,
+               "q_max_abs": jnp.maximum(acc["q_max_abs"], m["q_max_abs"])}
+        return learner.replace(agent=state, buffer=buffer, key=key, acc=acc)
+
+    # -- the host side --------------------------------------------------------------------------
+    def run(self, cfg, seed: int, n_blocks: int, blocks_per_eval: int, report: Callable) -> tuple[dict, Learner]:
+        """One seed of one run: metrics per logging block, and the final device state."""
+        from rlstop.agents.dqn import hparams
+
+        env, n, t_every = self.env, self.num_envs, cfg.agent.train_every
+        hp = hparams(cfg.agent)
+        learner = self.init(jax.random.PRNGKey(seed), hp)
+        envs = env.make_vector(n)
+        eval_envs = [env.make() for _ in range(cfg.train.eval_episodes)]
+        observe = Observer(env, cfg.env.normalize_obs)
+        obs, _ = envs.reset(seed=[seed * n + i for i in range(n)])
+        obs, _ = observe.train(obs, obs)
+        shape, dtype = env.obs_shape, env.obs_dtype
+        act, learn, to_env, step = self.act, self.learn, env.to_env_action, genv.step_vector
+        out = {k: np.full(n_blocks, np.nan) for k in ("episode_return", "eval_return", "loss", "grad_norm",
+                                                       "q_mean", "q_max_abs")}
+        for b in range(n_blocks):
+            keys, eps = jax.device_get(self.schedule(learner.act_key, np.int32(b), hp))
+            eps = eps.tolist()
+            ended: list = []
+            for it in range(self.iters_per_block):
+                steps_before = b * cfg.train.log_every + it * self.steps_per_iter
+                o = np.empty((t_every, n) + shape, dtype)
+                nxt = np.empty((t_every, n) + shape, dtype)
+                acts = np.empty((t_every, n), np.int32)
+                rew = np.empty((t_every, n), np.float32)
+                term = np.empty((t_every, n), bool)
+                params = learner.agent.params
+                v0 = it * t_every
+                for j in range(t_every):
+                    o[j] = obs
+                    action = np.asarray(act(params, obs, keys[v0 + j], eps[v0 + j]))
+                    obs, next_obs, r, te, _, done = step(envs, to_env(action))
+                    obs, next_obs = observe.train(obs, next_obs)
+                    acts[j], rew[j], term[j], nxt[j] = action, r, te, next_obs
+                    if len(done):
+                        ended.extend(done)
+                trans = Transition(o.reshape((-1,) + shape), acts.reshape(-1), rew.reshape(-1), term.reshape(-1),
+                                   nxt.reshape((-1,) + shape))
+                learner = learn(learner, trans, np.int32(steps_before), it == 0, hp)
+            acc = jax.device_get(learner.acc)
+            out["episode_return"][b] = _window_mean(ended)
+            out["loss"][b] = acc["loss"] / acc["learned"] if acc["learned"] else np.nan
+            out["grad_norm"][b] = acc["grad_norm"] / acc["learned"] if acc["learned"] else np.nan
+            out["q_mean"][b] = acc["q_mean"] / acc["iters"]
+            out["q_max_abs"][b] = acc["q_max_abs"]
+            if (b + 1) % blocks_per_eval == 0:
+                params, key = learner.agent.params, jax.random.PRNGKey(0)
+                policy = lambda x: self.greedy(params, x, key, np.float32(0.0))  # noqa: E731 - epsilon 0: greedy
+                out["eval_return"][b] = greedy_return(env, eval_envs, policy, observe,
+                                                      eval_seeds(seed, b // blocks_per_eval, len(eval_envs)))
+            report((b + 1) * cfg.train.log_every)
+        envs.close()
+        for e in eval_envs:
+            e.close()
+        return out, learner
+
+
+class ActorCriticLoop:
+    """A2C / PPO on gymnasium envs (see ``rlstop.agents.actor_critic``)."""
+
+    value_metric = "value_max_abs"
+    compiles = 4
+
+    def __init__(self, cfg, env):
+        raise UserError("agent.kind=a2c/ppo on gymnasium envs is not available yet; use env.backend=gymnax")
