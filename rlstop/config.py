@@ -67,7 +67,7 @@ class RunConfig:
 
 
 def agent_config_class(kind: str):
-    if kind not in AGENT_MODULES:
+    if not isinstance(kind, str) or kind not in AGENT_MODULES:
         close = difflib.get_close_matches(str(kind), AGENT_MODULES, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
         raise UserError(f"unknown agent.kind {kind!r}; {hint}choose one of {', '.join(AGENT_MODULES)}")
@@ -173,6 +173,12 @@ def build_config(data: dict, *, source: str = "config") -> RunConfig:
     if "kind" not in agent:
         raise UserError(f"agent.kind is missing in {source}; set it to one of {', '.join(AGENT_MODULES)}")
     cls = agent_config_class(agent["kind"])
+    for section in ("env", "train"):
+        if section in data and not isinstance(data[section], dict):
+            raise UserError(f"'{section}' in {source} must be a mapping of keys to values")
+    env = data.get("env") or {}
+    if env.get("mdp") is not None and not isinstance(env["mdp"], dict):
+        raise UserError("env.mdp must be a mapping (gamma, transitions, rewards, ...); see configs/random_walk.yaml")
     schema = OmegaConf.structured(RunConfig(agent=cls()))
     try:
         merged = OmegaConf.merge(schema, OmegaConf.create(data))
@@ -182,9 +188,12 @@ def build_config(data: dict, *, source: str = "config") -> RunConfig:
         key = getattr(e, "full_key", "") or "?"
         expected = _type_name(schema, key)
         raise UserError(f"{key}: cannot use {_short_value(e)} here, it must be {expected}; fix the value") from None
-    except OmegaConfBaseException as e:
+    except (OmegaConfBaseException, TypeError, ValueError) as e:
         raise UserError(f"invalid config in {source}: {str(e).splitlines()[0]}") from None
-    cfg: RunConfig = OmegaConf.to_object(merged)
+    try:
+        cfg: RunConfig = OmegaConf.to_object(merged)
+    except (OmegaConfBaseException, TypeError, ValueError) as e:
+        raise UserError(f"invalid config in {source}: {str(e).splitlines()[0]}") from None
     validate(cfg)
     return cfg
 
