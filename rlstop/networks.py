@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 ACTIVATIONS: dict[str, Callable] = {"relu": nn.relu, "tanh": nn.tanh, "gelu": nn.gelu, "silu": nn.silu}
@@ -81,3 +82,111 @@ class ConvQNetwork(nn.Module):
         x = NatureCNN(name="cnn")(obs)
         x = MLP(self.hidden_sizes, self.activation, self.layer_norm, name="torso")(x)
         return nn.Dense(self.num_actions, name="head")(x)
+
+
+def _maybe_stop(x: jnp.ndarray, flag) -> jnp.ndarray:
+    """stop_gradient(x) where ``flag`` (a Python or traced boolean scalar) is true, else x."""
+    return jnp.where(flag, jax.lax.stop_gradient(x), x)
+
+
+class ActorCritic(nn.Module):
+    """Policy pi(.|s) and state value V(s), with a shared or separate MLP torso.
+
+    Initialisation as CleanRL / rejax PPO: orthogonal, gain sqrt(2) in the torso, 0.01 on the
+    policy head (a near-uniform / near-zero-mean first policy), 1.0 on the value head; zero biases.
+    ``init_params`` draws the same distribution from one normal draw (faster to compile than
+    ``init``, which draws per parameter).
+
+    The policy is categorical (``discrete``: the head gives ``action_dim`` logits) or a diagonal
+    Gaussian (the head gives the mean; the log standard deviation is a state-independent
+    parameter, initialised to 0, as in CleanRL's and rejax's continuous PPO).
+
+    With ``shared_torso`` the two heads read one torso's features, and each head may read them
+    through a stop-gradient (traced flags, passed at call time), so that only the other loss
+    trains the torso. With separate torsos the flags change nothing: each head owns its torso.
+    """
+
+    action_dim: int
+    discrete: bool
+    hidden_sizes: Sequence[int]
+    activation: str = "tanh"
+    layer_norm: bool = False
+    shared_torso: bool = False
+
+    GAINS = {"policy_head": 0.01, "value_head": 1.0}  # orthogonal-init gain per layer; sqrt(2) elsewhere
+    TORSO_GAIN = 2.0 ** 0.5
+
+    def setup(self):
+        torso = lambda name: MLP(self.hidden_sizes, self.activation, self.layer_norm,  # noqa: E731
+                                 kernel_init=nn.initializers.orthogonal(self.TORSO_GAIN), name=name)
+        if self.shared_torso:
+            self.torso = torso("torso")
+        else:
+            self.actor_torso = torso("actor_torso")
+            self.critic_torso = torso("critic_torso")
+        self.policy_head = nn.Dense(self.action_dim, kernel_init=nn.initializers.orthogonal(self.GAINS["policy_head"]),
+                                    name="policy_head")
+        self.value_head = nn.Dense(1, kernel_init=nn.initializers.orthogonal(self.GAINS["value_head"]),
+                                   name="value_head")
+        if not self.discrete:
+            self.log_std = self.param("log_std", nn.initializers.zeros, (self.action_dim,))
+
+    def _policy_out(self, h):
+        out = self.policy_head(h)
+        if self.discrete:
+            return out
+        return out, jnp.broadcast_to(self.log_std, out.shape)
+
+    def __call__(self, obs: jnp.ndarray, value_obs: jnp.ndarray | None = None,
+                 stop_gradient_actor_features=False, stop_gradient_critic_features=False):
+        """Policy outputs for ``obs`` [N, ...] and values for ``[obs; value_obs]`` [N + M].
+
+        ``value_obs`` (e.g. the next observations a critic target bootstraps from) goes through
+        the critic in the same forward pass as ``obs``. Returns ``(policy, values)`` where
+        ``policy`` is logits [N, A] (discrete) or ``(mean, log_std)``, each [N, D].
+        """
+        n = obs.shape[0]
+        all_obs = obs if value_obs is None else jnp.concatenate([obs, value_obs])
+        if self.shared_torso:
+            h = self.torso(all_obs)
+            h_pi = _maybe_stop(h[:n], stop_gradient_actor_features)
+            h_v = _maybe_stop(h, stop_gradient_critic_features)
+        else:
+            h_pi = self.actor_torso(obs)
+            h_v = self.critic_torso(all_obs)
+        return self._policy_out(h_pi), self.value_head(h_v)[..., 0]
+
+    def policy(self, obs: jnp.ndarray):
+        """Policy outputs only (acting, evaluation)."""
+        return self._policy_out(self.torso(obs) if self.shared_torso else self.actor_torso(obs))
+
+    def value(self, obs: jnp.ndarray) -> jnp.ndarray:
+        """V(obs) only, [N] (e.g. bootstrap values from target parameters)."""
+        return self.value_head(self.torso(obs) if self.shared_torso else self.critic_torso(obs))[..., 0]
+
+    def init_params(self, key: jax.Array, obs: jnp.ndarray):
+        """Variables distributed as ``self.init(key, obs)``'s would be, from one random draw.
+
+        Every kernel is orthogonal with its layer's gain (the QR construction of
+        ``nn.initializers.orthogonal``), cut from one normal draw for all layers; LayerNorm
+        scales are 1, every other parameter (biases, the log-std) is 0. One random-number call
+        site instead of one per parameter compiles several times faster.
+        """
+        shapes = jax.eval_shape(self.init, jax.random.PRNGKey(0), obs)
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+        kernels = [s.shape for path, s in leaves if path[-1].key == "kernel"]
+        noise = jax.random.normal(key, (sum(a * b for a, b in kernels),))
+        out, offset = [], 0
+        for path, s in leaves:
+            name = path[-1].key
+            if name == "kernel":
+                rows, cols = s.shape
+                a = noise[offset:offset + rows * cols].reshape(max(rows, cols), min(rows, cols))
+                offset += rows * cols
+                q, r = jnp.linalg.qr(a)
+                q = q * jnp.sign(jnp.diag(r))
+                q = q if rows >= cols else q.T
+                out.append(self.GAINS.get(path[-2].key, self.TORSO_GAIN) * q.astype(s.dtype))
+            else:
+                out.append(jnp.full(s.shape, 1.0 if name == "scale" else 0.0, s.dtype))
+        return jax.tree_util.tree_unflatten(treedef, out)

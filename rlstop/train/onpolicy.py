@@ -1,0 +1,84 @@
+"""The on-policy scan loop (A2C, PPO), in the manner of PureJaxRL's ``make_train``.
+
+An iteration is a rollout of ``agent.num_steps`` vectorised steps of ``env.num_envs`` gymnax envs
+(one ``lax.scan``), then the agent's update on it: ``num_epochs`` x ``num_minibatches`` gradient
+steps, two nested scans. A logging block is ``train.log_every / (num_steps * num_envs)``
+iterations. Nothing here branches per step: there is no ``lax.cond`` to turn into a select.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+
+from rlstop.agents.actor_critic import ActorCriticAgent, ActorCriticState, Rollout
+from rlstop.errors import UserError
+from rlstop.train.common import EpisodeStats, Program, greedy_returns
+
+METRICS = ("loss", "actor_loss", "critic_loss", "entropy", "grad_norm", "value_mean", "value_max_abs")
+
+
+@flax.struct.dataclass
+class Runner:
+    agent: ActorCriticState
+    env_state: Any
+    obs: jnp.ndarray
+    stats: EpisodeStats
+    key: jax.Array
+
+
+def make_program(cfg, env, varying: frozenset = frozenset()) -> Program:
+    """``varying``: the traced values that differ across the vmapped batch (see the driver)."""
+    if getattr(env, "backend", None) != "gymnax":
+        raise UserError(f"agent.kind={cfg.agent.kind} runs on gymnax envs; {cfg.env.id!r} is not one "
+                        "(try CartPole-v1, Acrobot-v1 or Pendulum-v1)")
+    a, t = cfg.agent, cfg.train
+    num_envs = cfg.env.num_envs
+    steps_per_iter = a.num_steps * num_envs
+    if t.log_every % steps_per_iter:
+        raise UserError(f"train.log_every={t.log_every} must be a multiple of agent.num_steps * env.num_envs "
+                        f"= {a.num_steps} * {num_envs} = {steps_per_iter} (one rollout)")
+    if num_envs % a.num_minibatches:
+        raise UserError(f"env.num_envs={num_envs} must be a multiple of agent.num_minibatches={a.num_minibatches}")
+    iters_per_block = t.log_every // steps_per_iter
+    agent = ActorCriticAgent(a, env, num_envs, t.total_steps, varying)
+
+    def init(key, hp) -> Runner:
+        k_agent, k_env, k_run = jax.random.split(key, 3)
+        obs, env_state = jax.vmap(env.reset)(jax.random.split(k_env, num_envs))
+        return Runner(agent.init(k_agent, hp), env_state, obs, EpisodeStats.init(num_envs), k_run)
+
+    def env_step(runner: Runner, xs):
+        env_keys, noise = xs
+        action, env_action, logp = agent.act(runner.agent.params, runner.obs, noise)
+        out = jax.vmap(env.step)(env_keys, runner.env_state, env_action)
+        step = Rollout(runner.obs, action, logp, out.reward, out.terminated, out.truncated, out.final_obs)
+        stats = runner.stats.update(out.reward, out.terminated | out.truncated)
+        return runner.replace(env_state=out.state, obs=out.obs, stats=stats), step
+
+    def iteration(runner: Runner, hp):
+        # All the keys of an iteration from one split, the action noise of the rollout from one
+        # draw: every random-number call site is compiled code of its own.
+        keys = jax.random.split(runner.key, 3 + a.num_steps * num_envs)
+        key, k_noise, k_update = keys[0], keys[1], keys[2]
+        env_keys = keys[3:].reshape((a.num_steps, num_envs) + keys.shape[1:])
+        noise = agent.action_noise(k_noise, (a.num_steps, num_envs))
+        runner, rollout = jax.lax.scan(env_step, runner, (env_keys, noise))
+        agent_state, metrics = agent.update(runner.agent, rollout, k_update, hp)
+        return runner.replace(agent=agent_state, key=key), metrics
+
+    def block(runner: Runner, hp):
+        runner = runner.replace(stats=runner.stats.new_window())
+        runner, metrics = jax.lax.scan(lambda r, _: iteration(r, hp), runner, None, length=iters_per_block)
+        out = {k: jnp.mean(v) for k, v in metrics.items() if k != "value_max_abs"}
+        out["value_max_abs"] = jnp.max(metrics["value_max_abs"])
+        out["episode_return"] = runner.stats.window_mean()
+        return runner, out
+
+    def evaluate(runner: Runner, key, hp):
+        params = runner.agent.params
+        return greedy_returns(env, lambda obs: agent.greedy(params, obs), key, t.eval_episodes)
+
+    return Program(init, block, evaluate, t.log_every, "value_max_abs", METRICS)
