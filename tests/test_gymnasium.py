@@ -176,3 +176,22 @@ def test_host_loop_writes_the_scan_loops_metrics(tmp_path, capsys):
     assert list(hosted.columns) == list(scan.columns)
     pd.testing.assert_frame_equal(hosted[["seed", "env_steps"]], scan[["seed", "env_steps"]])
     assert hosted["eval_return"].notna().all() and hosted["q_max_abs"].notna().all()
+
+
+def test_actor_critic_host_loop_with_box_actions(tmp_path, capsys):
+    """PPO on gymnasium's Pendulum (Box actions) through the host loop: the on-policy scan loop's
+    metric columns, finite values, greedy evaluation of whole 200-step episodes."""
+    from rlstop.train import onpolicy
+
+    out = tmp_path / "runs"
+    code = main(["train", "configs/ppo_pendulum.yaml", "env.backend=gymnasium", "env.num_envs=2",
+                 "agent.hidden_sizes=[8]", "agent.num_steps=16", "agent.num_minibatches=1", "agent.num_epochs=1",
+                 "train.total_steps=128", "train.log_every=64", "train.eval_episodes=1", "train.seeds=2",
+                 "--out", str(out), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    df = pd.read_csv(out / "ppo_pendulum" / "metrics.csv")
+    assert list(df.columns) == ["seed", "env_steps", "episode_return", "eval_return",
+                                *sorted(onpolicy.METRICS), "diverged"]
+    assert list(df["env_steps"]) == [64, 128, 64, 128] and list(df["seed"]) == [0, 0, 1, 1]
+    assert np.isfinite(df[list(onpolicy.METRICS)].to_numpy()).all()
+    assert (df["eval_return"] < 0).all()  # Pendulum's rewards are negative; the episode ran to its end

@@ -171,8 +171,9 @@ class GymnasiumEnv:
         from gymnasium.wrappers import RecordEpisodeStatistics
 
         # Statistics per sub-env: gymnasium 1.3's vector RecordEpisodeStatistics assumes next-step
-        # autoreset and drops the first reward of every episode after the first under SAME_STEP.
-        # The sub-env's own wrapper is exact; its info arrives in info["final_info"].
+        # autoreset and drops the first reward of every episode after the first under SAME_STEP
+        # (fixed upstream later: Farama-Foundation/Gymnasium#1624). The sub-env's own wrapper is
+        # exact; its info arrives in info["final_info"].
         return gym.vector.SyncVectorEnv([lambda: RecordEpisodeStatistics(self.make())] * num_envs,
                                         autoreset_mode=AutoresetMode.SAME_STEP, copy=False)
 

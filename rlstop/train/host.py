@@ -331,11 +331,144 @@ class DQNLoop:
         return out, learner
 
 
+@flax.struct.dataclass
+class ACLearner:
+    agent: Any
+    key: jax.Array       # updates (minibatch shuffles)
+    act_key: jax.Array   # action noise (folded with the block index)
+    acc: dict            # metric sums over the logging block so far, and their count
+
+
 class ActorCriticLoop:
-    """A2C / PPO on gymnasium envs (see ``rlstop.agents.actor_critic``)."""
+    """A2C / PPO on gymnasium envs: the on-policy scan loop's iteration (a rollout of
+    ``agent.num_steps`` vector steps, then the agent's update on it) with the env steps taken on
+    the host. The action noise of a logging block comes from one call (``action_noise``), so an
+    act call is the policy alone."""
 
     value_metric = "value_max_abs"
-    compiles = 4
+    compiles = 5
 
-    def __init__(self, cfg, env):
-        raise UserError("agent.kind=a2c/ppo on gymnasium envs is not available yet; use env.backend=gymnax")
+    def __init__(self, cfg, env: genv.GymnasiumEnv):
+        from rlstop.agents import actor_critic as ac
+
+        if env.image:
+            raise UserError(f"agent.kind={cfg.agent.kind} has no convolutional torso for the image observations "
+                            f"of {env.id}; use agent.kind=dqn (Nature CNN) for Atari")
+        a = cfg.agent
+        n = cfg.env.num_envs
+        self.cfg, self.env, self.num_envs = cfg, env, n
+        self.agent = agent = ac.ActorCriticAgent(a, env, n, cfg.train.total_steps)
+        self.rollout_cls = ac.Rollout
+        self.steps_per_iter = a.num_steps * n
+        self.iters_per_block = cfg.train.log_every // self.steps_per_iter
+
+        hp = ac.hparams(a)
+        key = jax.random.PRNGKey(0)
+        obs = np.zeros((n,) + env.obs_shape, env.obs_dtype)
+        learner = jax.eval_shape(self._init, key, hp)
+        noise = jax.eval_shape(self._noise, learner.act_key, np.int32(0))
+        self.init = _aot(self._init, key, hp)
+        self.noise = _aot(self._noise, learner.act_key, np.int32(0))
+        step_noise = jax.ShapeDtypeStruct(noise.shape[1:], noise.dtype)
+        self.act = _aot(agent.act, learner.agent.params, obs, step_noise)
+        action, env_action, logp = jax.eval_shape(agent.act, learner.agent.params, obs, step_noise)
+        self.action_spec = (action, env_action)
+        t = a.num_steps
+        shape, dtype = env.obs_shape, env.obs_dtype
+        rollout = ac.Rollout(jax.ShapeDtypeStruct((t, n) + shape, dtype),
+                             jax.ShapeDtypeStruct((t,) + action.shape, action.dtype),
+                             jax.ShapeDtypeStruct((t, n), jnp.float32), jax.ShapeDtypeStruct((t, n), jnp.float32),
+                             jax.ShapeDtypeStruct((t, n), jnp.bool_), jax.ShapeDtypeStruct((t, n), jnp.bool_),
+                             jax.ShapeDtypeStruct((t, n) + shape, dtype))
+        self.learn = _aot(self._learn, learner, rollout, True, hp, donate=(0,))
+        e = cfg.train.eval_episodes
+        self.greedy = _aot(agent.greedy, learner.agent.params, np.zeros((e,) + shape, dtype))
+
+    # -- the device side ------------------------------------------------------------------------
+    def _init(self, key, hp) -> ACLearner:
+        k_agent, k_update, k_act = jax.random.split(key, 3)
+        state = self.agent.init(k_agent, hp)
+        return ACLearner(state, k_update, k_act, self._zero_acc(state, hp))
+
+    def _zero_acc(self, state, hp):
+        t, n = self.cfg.agent.num_steps, self.num_envs
+        shape = self.env.obs_shape
+        dummy = jax.eval_shape(lambda: self.agent.act(state.params, jnp.zeros((n,) + shape), self.agent.action_noise(
+            jax.random.PRNGKey(0), (n,))))
+        rollout = self.rollout_cls(jnp.zeros((t, n) + shape), jnp.zeros((t,) + dummy[0].shape, dummy[0].dtype),
+                                   jnp.zeros((t, n)), jnp.zeros((t, n)), jnp.zeros((t, n), jnp.bool_),
+                                   jnp.zeros((t, n), jnp.bool_), jnp.zeros((t, n) + shape))
+        names = jax.eval_shape(self.agent.update, state, rollout, jax.random.PRNGKey(0), hp)[1]
+        acc = {k: jnp.zeros((), jnp.float32) for k in names}
+        acc["_count"] = jnp.zeros((), jnp.float32)
+        return acc
+
+    def _noise(self, act_key, block):
+        """The action noise of every vector step of logging block ``block``: [steps, N, ...]."""
+        v = self.iters_per_block * self.cfg.agent.num_steps
+        return self.agent.action_noise(jax.random.fold_in(act_key, block), (v, self.num_envs))
+
+    def _learn(self, learner: ACLearner, rollout, fresh, hp) -> ACLearner:
+        """The agent's update on one rollout, and the metric sums of the block (the scan loop
+        averages every metric over the block's gradient steps, and takes the max of value_max_abs)."""
+        key, k_update = jax.random.split(learner.key)
+        state, m = self.agent.update(learner.agent, rollout, k_update, hp)
+        acc = jax.tree.map(lambda x: jnp.where(fresh, jnp.zeros_like(x), x), learner.acc)
+        new = {k: (jnp.maximum(acc[k], jnp.max(v)) if k == "value_max_abs" else acc[k] + jnp.mean(v))
+               for k, v in m.items()}
+        new["_count"] = acc["_count"] + 1.0
+        return learner.replace(agent=state, key=key, acc=new)
+
+    # -- the host side --------------------------------------------------------------------------
+    def run(self, cfg, seed: int, n_blocks: int, blocks_per_eval: int, report: Callable) -> tuple[dict, ACLearner]:
+        """One seed of one run: metrics per logging block, and the final device state."""
+        from rlstop.agents.actor_critic import hparams
+
+        env, n, t_steps = self.env, self.num_envs, cfg.agent.num_steps
+        hp = hparams(cfg.agent)
+        learner = self.init(jax.random.PRNGKey(seed), hp)
+        envs = env.make_vector(n)
+        eval_envs = [env.make() for _ in range(cfg.train.eval_episodes)]
+        observe = Observer(env, cfg.env.normalize_obs)
+        obs, _ = envs.reset(seed=[seed * n + i for i in range(n)])
+        obs, _ = observe.train(obs, obs)
+        shape, dtype = env.obs_shape, env.obs_dtype
+        action_spec, env_action_spec = self.action_spec
+        act, learn, to_env, step = self.act, self.learn, env.to_env_action, genv.step_vector
+        names = [k for k in jax.device_get(learner.acc) if k != "_count"]
+        out = {k: np.full(n_blocks, np.nan) for k in ["episode_return", "eval_return", *names]}
+        for b in range(n_blocks):
+            noise = np.asarray(self.noise(learner.act_key, np.int32(b)))
+            ended: list = []
+            for it in range(self.iters_per_block):
+                o = np.empty((t_steps, n) + shape, dtype)
+                nxt = np.empty((t_steps, n) + shape, dtype)
+                acts = np.empty((t_steps,) + action_spec.shape, action_spec.dtype)
+                logps = np.empty((t_steps, n), np.float32)
+                rew = np.empty((t_steps, n), np.float32)
+                term = np.empty((t_steps, n), bool)
+                trunc = np.empty((t_steps, n), bool)
+                params = learner.agent.params
+                v0 = it * t_steps
+                for j in range(t_steps):
+                    o[j] = obs
+                    action, env_action, logp = jax.device_get(act(params, obs, noise[v0 + j]))
+                    obs, next_obs, r, te, tr, done = step(envs, to_env(env_action))
+                    obs, next_obs = observe.train(obs, next_obs)
+                    acts[j], logps[j], rew[j], term[j], trunc[j], nxt[j] = action, logp, r, te, tr, next_obs
+                    if len(done):
+                        ended.extend(done)
+                learner = learn(learner, self.rollout_cls(o, acts, logps, rew, term, trunc, nxt), it == 0, hp)
+            acc = jax.device_get(learner.acc)
+            out["episode_return"][b] = _window_mean(ended)
+            for k in names:
+                out[k][b] = acc[k] if k == "value_max_abs" else acc[k] / acc["_count"]
+            if (b + 1) % blocks_per_eval == 0:
+                params = learner.agent.params
+                out["eval_return"][b] = greedy_return(env, eval_envs, lambda x: self.greedy(params, x), observe,
+                                                      eval_seeds(seed, b // blocks_per_eval, len(eval_envs)))
+            report((b + 1) * cfg.train.log_every)
+        envs.close()
+        for e in eval_envs:
+            e.close()
+        return out, learner
