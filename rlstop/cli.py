@@ -84,7 +84,9 @@ def _check_writable(out_root: str) -> None:
 def cmd_train(args) -> int:
     from rlstop import config as config_lib
     from rlstop import sweep
+    from rlstop.train import parallel
 
+    parallel.maybe_initialize()
     cfg = config_lib.load_config(args.config, args.overrides)
     _check_writable(args.out)
     if _check_run_dir(args.out, cfg.name, cfg):
@@ -96,7 +98,9 @@ def cmd_train(args) -> int:
 
 def cmd_sweep(args) -> int:
     from rlstop import sweep
+    from rlstop.train import parallel
 
+    parallel.maybe_initialize()
     name, runs = sweep.load_sweep(args.sweep, args.overrides)
     _check_writable(args.out)
     sweep.execute(runs, args.out, name, show_progress=not args.quiet)
@@ -107,12 +111,15 @@ def cmd_ablate(args) -> int:
     from rlstop import config as config_lib
     from rlstop import sweep
 
+    from rlstop.train import parallel
+
+    parallel.maybe_initialize()
     cfg = config_lib.load_config(args.config, args.overrides)
     _check_writable(args.out)
     runs = sweep.ablation_runs(cfg)
     name = f"{cfg.name}_ablate"
     sweep.execute(runs, args.out, name, show_progress=not args.quiet)
-    if not args.no_compare:
+    if not args.no_compare and parallel.is_main_process():
         from rlstop import analysis
 
         analysis.compare([os.path.join(args.out, name)], out=None, metric=None, log=print)

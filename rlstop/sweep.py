@@ -233,8 +233,12 @@ def execute(runs: list[Run], out_root: str, sweep_name: str | None = None, show_
         state = results.read_json(sweep_path)
     summaries = {}
 
+    from rlstop.train import parallel
+
+    main = parallel.is_main_process()  # under jax.distributed, every process trains, process 0 writes
+
     def save_state():
-        if sweep_path:
+        if sweep_path and main:
             results.write_json(sweep_path, state)
 
     for gi, group in enumerate(groups):
@@ -245,9 +249,11 @@ def execute(runs: list[Run], out_root: str, sweep_name: str | None = None, show_
             state["runs"][r.name] = entry
     save_state()
 
-    with Reporter(show_progress) as rep:
+    # What is left to do, decided once before any training (every process decides the same).
+    todos = [[r for r in group if not results.is_complete(os.path.join(root, r.name))] for group in groups]
+    with Reporter(show_progress and main) as rep:
         for gi, group in enumerate(groups):
-            todo = [r for r in group if not results.is_complete(os.path.join(root, r.name))]
+            todo = todos[gi]
             for r in group:
                 if r not in todo:
                     summaries[r.name] = results.read_json(os.path.join(root, r.name, "summary.json"))
@@ -257,13 +263,15 @@ def execute(runs: list[Run], out_root: str, sweep_name: str | None = None, show_
             batch = sum(r.cfg.train.seeds for r in todo)
             label = todo[0].name if len(todo) == 1 else f"group {gi} ({len(todo)} runs)"
             update = rep.task(f"{label} x{batch}", todo[0].cfg.train.total_steps, batch)
-            for r in todo:  # the resolved config first: a killed run is recognised on the rerun
+            for r in todo if main else ():  # the resolved config first: a killed run is recognised on the rerun
                 results.atomic_write(os.path.join(root, r.name, "config.yaml"), config_lib.to_yaml(r.cfg))
             ckpt_dir = (os.path.join(root, todo[0].name, "checkpoints", "latest") if len(todo) == 1 else
                         os.path.join(root, ".checkpoints", "group-" + "-".join(sorted(r.name for r in todo))[:80]))
             res = run_group([r.cfg for r in todo], progress=update, ckpt_dir=ckpt_dir)
             if res.resumed_from:
                 rep.print(f"resumed {label} from its checkpoint at {res.resumed_from:,} env steps")
+            if not main:
+                continue
             offset = 0
             for i, r in enumerate(todo):
                 s = write_run(os.path.join(root, r.name), r, res, i, offset)
@@ -278,7 +286,7 @@ def execute(runs: list[Run], out_root: str, sweep_name: str | None = None, show_
             shutil.rmtree(ckpt_dir, ignore_errors=True)
             for r in todo:
                 rep.print(_one_line(summaries[r.name], os.path.join(root, r.name)))
-    return [summaries[r.name] for r in runs]
+    return [summaries.get(r.name) for r in runs]
 
 
 def _one_line(s: dict, path: str) -> str:

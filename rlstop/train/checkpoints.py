@@ -21,7 +21,9 @@ def _fingerprint(cfgs) -> str:
 
 
 def _abstract(tree):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree)
+    """Shapes, dtypes and (for arrays laid out over devices) shardings to restore into."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None)),
+                        tree)
 
 
 def _manager(directory: str):

@@ -21,7 +21,7 @@ import pandas as pd
 
 from rlstop import config as config_lib
 from rlstop.envs import make_env, resolve_backend
-from rlstop.train import checkpoints
+from rlstop.train import checkpoints, parallel
 from rlstop.train.common import Program
 
 LOOPS = {"dqn": "rlstop.train.offpolicy", "a2c": "rlstop.train.onpolicy", "ppo": "rlstop.train.onpolicy",
@@ -131,7 +131,7 @@ def batched(fn, batch: int, in_axes):
     return one
 
 
-def compile_chunk(program: Program, lay: Layout, runner, hp, hp_axes):
+def compile_chunk(program: Program, lay: Layout, runner, hp, hp_axes, mesh=None):
     blocks_per_chunk = lay.blocks_per_eval * lay.periods_per_chunk
 
     def chunk(runner, hp, c):
@@ -152,7 +152,13 @@ def compile_chunk(program: Program, lay: Layout, runner, hp, hp_axes):
 
     batch = jax.tree.leaves(runner)[0].shape[0]
     fn = batched(chunk, batch, (0, hp_axes, None))
-    return jax.jit(fn, donate_argnums=0).lower(runner, hp, jnp.zeros((), jnp.int32)).compile()
+    if mesh is None:
+        return jax.jit(fn, donate_argnums=0).lower(runner, hp, jnp.zeros((), jnp.int32)).compile()
+    split, whole = parallel.shardings(mesh)
+    runner_s = jax.tree.map(lambda _: split, runner)
+    hp_s = {k: split if a == 0 else whole for k, a in hp_axes.items()}
+    return jax.jit(fn, donate_argnums=0, in_shardings=(runner_s, hp_s, whole), out_shardings=(runner_s, split)
+                   ).lower(runner, hp, jnp.zeros((), jnp.int32)).compile()
 
 
 def run_group(cfgs: list, progress=None, ckpt_dir: str | None = None) -> GroupResult:
@@ -177,15 +183,28 @@ def run_group(cfgs: list, progress=None, ckpt_dir: str | None = None) -> GroupRe
     lay = layout(cfg0, program)
     keys = batch_keys(cfgs)
     batch = keys.shape[0]
+    # Over several devices (or processes): pad the batch to a multiple of the device count and
+    # split it over a mesh; the extra rows are dropped below.
+    mesh = parallel.batch_mesh()
+    keys, hp = parallel.pad(keys, hp, hp_axes, parallel.padded_size(batch, mesh))
+    keys, hp = parallel.place(keys, hp, hp_axes, mesh)
+    multihost = jax.process_count() > 1
 
     t0 = time.perf_counter()
-    init = jax.jit(batched(program.init, batch, (0, hp_axes))).lower(keys, hp).compile()
+    init_fn = batched(program.init, keys.shape[0], (0, hp_axes))
+    if mesh is None:
+        init = jax.jit(init_fn).lower(keys, hp).compile()
+    else:
+        split, whole = parallel.shardings(mesh)
+        hp_s = {k: split if a == 0 else whole for k, a in hp_axes.items()}
+        out_s = jax.tree.map(lambda _: split, jax.eval_shape(init_fn, keys, hp))
+        init = jax.jit(init_fn, in_shardings=(split, hp_s), out_shardings=out_s).lower(keys, hp).compile()
     runner = init(keys, hp)
-    chunk = compile_chunk(program, lay, runner, hp, hp_axes)
+    chunk = compile_chunk(program, lay, runner, hp, hp_axes, mesh)
     compile_s = time.perf_counter() - t0
 
     rows, evals, start_chunk = [], [], 0
-    ckpt = checkpoints.GroupCheckpoint(ckpt_dir, cfgs) if ckpt_dir else None
+    ckpt = checkpoints.GroupCheckpoint(ckpt_dir, cfgs) if ckpt_dir and not multihost else None
     if ckpt is not None:
         restored = ckpt.restore(runner)
         if restored is not None:
@@ -197,10 +216,9 @@ def run_group(cfgs: list, progress=None, ckpt_dir: str | None = None) -> GroupRe
         progress(start_chunk * lay.steps_per_chunk, total)
     for i in range(start_chunk, lay.num_chunks):
         runner, (m, ev) = chunk(runner, hp, jnp.asarray(i, jnp.int32))
-        m = jax.device_get(m)
-        ev = np.asarray(jax.device_get(ev))
-        rows.append({k: np.asarray(v).reshape(batch, -1) for k, v in m.items()})
-        evals.append(ev)
+        m, ev = parallel.fetch((m, ev))
+        rows.append({k: np.asarray(v)[:batch].reshape(batch, -1) for k, v in m.items()})
+        evals.append(np.asarray(ev)[:batch])
         done = (i + 1) * lay.steps_per_chunk
         if ckpt is not None and every and done % every == 0 and i + 1 < lay.num_chunks:
             ckpt.save(done, runner, rows, evals, i + 1)
@@ -220,7 +238,10 @@ def run_group(cfgs: list, progress=None, ckpt_dir: str | None = None) -> GroupRe
     steps = (np.arange(n_logs) + 1) * lay.steps_per_block
 
     extras_fn = getattr(importlib.import_module(LOOPS[cfg0.agent.kind]), "final_extras", None)
-    extras_all = extras_fn(runner, env) if extras_fn else None
+    extras_all = jax.tree.map(lambda x: np.asarray(x)[:batch], parallel.fetch(extras_fn(runner, env))) \
+        if extras_fn else None
+    # The final state, for checkpoints/final (one process: the whole batch on this host).
+    final_runner = None if multihost else jax.tree.map(lambda x: x[:batch], runner)
 
     out_metrics, div_steps, nonfin, extras, bounds = [], [], [], [], []
     offset = 0
@@ -247,7 +268,7 @@ def run_group(cfgs: list, progress=None, ckpt_dir: str | None = None) -> GroupRe
     env_steps = (lay.num_chunks - start_chunk) * lay.steps_per_chunk * batch
     return GroupResult(cfgs, out_metrics, div_steps, nonfin, wall_s, compile_s,
                        env_steps / max(run_s, 1e-9), 1, extras, program.value_metric, bounds,
-                       runner, start_chunk * lay.steps_per_chunk)
+                       final_runner, start_chunk * lay.steps_per_chunk)
 
 
 def value_bound(cfg, env) -> float:
