@@ -34,4 +34,23 @@ def make_env(env_cfg):
         from rlstop.envs.mdp import make_mdp
 
         return make_mdp(env_cfg.id, env_cfg.mdp)
-    raise UserError(f"env.backend={backend!r} has no jitted loop here; use the host loop")
+    raise UserError(f"env.id={env_cfg.id!r} is a gymnasium env (env.backend={backend}): `rlstop train` and "
+                    "`rlstop sweep` run it on the host loop, but this needs a JAX-native (gymnax) env")
+
+
+def check(cfg) -> None:
+    """Bad env input as a ``UserError`` before anything is trained or written: an unknown id, or an
+    agent that cannot take the env's action space (DQN needs discrete actions). Cheap: it builds
+    one env and steps nothing."""
+    backend = resolve_backend(cfg.env)
+    if backend == "gymnasium":
+        from rlstop.envs.gymnasium_env import GymnasiumEnv
+
+        env = GymnasiumEnv(cfg.env.id)
+    elif backend == "gymnax":
+        env = make_env(cfg.env)
+    else:
+        return
+    if cfg.agent.kind == "dqn" and not env.discrete:
+        raise UserError(f"DQN needs a discrete action space; {cfg.env.id} has continuous actions "
+                        "(use agent.kind=ppo or a2c)")
