@@ -21,7 +21,7 @@ from tests.conftest import TINY_DQN
 
 # Long enough to be killed in the middle, with a checkpoint every 4000 env steps.
 LONG = [o for o in TINY_DQN if not o.startswith("train.total_steps")] + [
-    "train.total_steps=40000", "train.checkpoint_every=4000"]
+    "train.total_steps=16000", "train.checkpoint_every=2000"]
 
 
 def cli(*args):

@@ -161,8 +161,11 @@ class DQN:
         One uniform draw u per env decides both: explore when u < epsilon, and then
         floor(u / epsilon * A) is uniform over the actions.
         """
+        return self.act_with_uniform(params, obs, jax.random.uniform(key, obs.shape[:1]), epsilon)
+
+    def act_with_uniform(self, params, obs: jnp.ndarray, u: jnp.ndarray, epsilon) -> jnp.ndarray:
+        """``act`` with the uniform draws given (a loop may draw a whole iteration's at once)."""
         greedy = jnp.argmax(self.network.apply(params, obs), axis=-1)
-        u = jax.random.uniform(key, greedy.shape)
         scaled = jnp.where(epsilon > 0, u / jnp.maximum(epsilon, 1e-12), 0.0)
         random = jnp.minimum((scaled * self.num_actions).astype(greedy.dtype), self.num_actions - 1)
         return jnp.where(u < epsilon, random, greedy)

@@ -41,17 +41,18 @@ def greedy_returns(env, policy: Callable, key: jax.Array, num_episodes: int) -> 
     """
     k_reset, k_steps = jax.random.split(key)
     obs, state = jax.vmap(env.reset)(jax.random.split(k_reset, num_episodes))
+    keys = jax.random.split(k_steps, (env.max_episode_steps, 2, num_episodes))  # every key at once
 
     def step(carry, k):
         obs, state, ret, alive = carry
         action = policy(obs)
-        out = jax.vmap(env.step)(jax.random.split(k, num_episodes), state, action)
+        out = jax.vmap(env.step_with_keys)(k[0], k[1], state, action)
         ret = ret + jnp.where(alive, out.reward, 0.0)
         alive = alive & ~(out.terminated | out.truncated)
         return (out.obs, out.state, ret, alive), None
 
     init = (obs, state, jnp.zeros(num_episodes), jnp.ones(num_episodes, jnp.bool_))
-    (_, _, ret, _), _ = jax.lax.scan(step, init, jax.random.split(k_steps, env.max_episode_steps))
+    (_, _, ret, _), _ = jax.lax.scan(step, init, keys)
     return jnp.mean(ret)
 
 

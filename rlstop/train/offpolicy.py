@@ -54,22 +54,23 @@ def make_program(cfg, env, varying: frozenset = frozenset()) -> Program:
 
     def iteration(runner: Runner, hp, it):
         steps_before = it * steps_per_iter
-        key, k_steps, k_sample = jax.random.split(runner.key, 3)
+        # Every random number of the iteration in three calls (each call site costs compile time).
+        key, k_env, k_act, k_sample = jax.random.split(runner.key, 4)
+        env_keys = jax.random.split(k_env, (a.train_every, 2, num_envs))
+        uniforms = jax.random.uniform(k_act, (a.train_every, num_envs))
         params = runner.agent.params
 
         def env_step(carry, xs):
             env_state, obs, stats = carry
-            k, j = xs
-            k_act, k_env = jax.random.split(k)
+            k, u, j = xs
             eps = agent.epsilon(steps_before + j * num_envs, hp, total_steps)
-            action = agent.act(params, obs, k_act, eps)
-            out = jax.vmap(env.step)(jax.random.split(k_env, num_envs), env_state, action)
+            action = agent.act_with_uniform(params, obs, u, eps)
+            out = jax.vmap(env.step_with_keys)(k[0], k[1], env_state, action)
             stats = stats.update(out.reward, out.terminated | out.truncated)
             return (out.state, out.obs, stats), Transition(obs, action, out.reward, out.terminated, out.final_obs)
 
         (env_state, obs, stats), trans = jax.lax.scan(
-            env_step, (runner.env_state, runner.obs, runner.stats),
-            (jax.random.split(k_steps, a.train_every), jnp.arange(a.train_every)))
+            env_step, (runner.env_state, runner.obs, runner.stats), (env_keys, uniforms, jnp.arange(a.train_every)))
         trans = jax.tree.map(lambda x: x.reshape((steps_per_iter,) + x.shape[2:]), trans)
         buffer = replay.add(runner.buffer, trans, steps_before)
         steps_after = steps_before + steps_per_iter
