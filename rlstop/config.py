@@ -255,6 +255,11 @@ def validate(cfg: RunConfig) -> None:
            f"({period} env steps)")
     _check(e.backend in BACKENDS, f"env.backend={e.backend!r} is not one of {', '.join(BACKENDS)}")
     _check(e.num_envs >= 1, f"env.num_envs={e.num_envs} must be >= 1")
+    if t.tensorboard:
+        import importlib.util
+
+        _check(importlib.util.find_spec("tensorboardX") is not None,
+               'train.tensorboard=true needs tensorboardX: pip install "rlstop[tensorboard]"')
     cfg.agent.validate(cfg)
 
 

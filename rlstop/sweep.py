@@ -153,6 +153,20 @@ def _peak(df, metric: str):
     return out
 
 
+def write_tensorboard(directory: str, df) -> None:
+    """TensorBoard event files, one folder per seed (``tensorboard --logdir OUT``)."""
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        raise UserError('train.tensorboard=true needs tensorboardX: pip install "rlstop[tensorboard]"') from None
+    for seed, g in df.groupby("seed", sort=True):
+        with SummaryWriter(os.path.join(directory, f"seed{seed}")) as w:
+            for row in g.itertuples(index=False):
+                for k, v in row._asdict().items():
+                    if k not in ("seed", "env_steps") and v == v:  # skip NaN (not logged at that point)
+                        w.add_scalar(k, float(v), int(row.env_steps))
+
+
 def write_run(run_dir: str, run: Run, res, i: int, offset: int) -> dict:
     from rlstop.train import checkpoints
 
@@ -163,6 +177,8 @@ def write_run(run_dir: str, run: Run, res, i: int, offset: int) -> dict:
         checkpoints.save_final(os.path.join(run_dir, "checkpoints", "final"),
                                jax.tree.map(lambda x: x[offset:offset + n], res.runner))
     results.write_metrics(os.path.join(run_dir, "metrics.csv"), res.metrics[i])
+    if run.cfg.train.tensorboard:
+        write_tensorboard(os.path.join(run_dir, "tensorboard"), res.metrics[i])
     summary = summarise(run, res, i)
     results.write_json(os.path.join(run_dir, "summary.json"), summary)  # last: marks the run finished
     return summary

@@ -91,6 +91,11 @@ def test_train_writes_the_run_folder_and_resumes(tmp_path, capsys):
     code, _, err = run_cli(args + ["agent.double_q=true"], capsys)
     assert code == 2 and "different config" in err
     assert open(os.path.join(run, "metrics.csv")).read() == before
+    # TensorBoard event files on request, one folder per seed.
+    code, _, err = run_cli(args + ["train.tensorboard=true", "name=tb"], capsys)
+    assert code == 0, err
+    assert sorted(os.listdir(os.path.join(out_dir, "tb", "tensorboard"))) == ["seed0", "seed1"]
+    assert os.listdir(os.path.join(out_dir, "tb", "tensorboard", "seed0"))[0].startswith("events.out.tfevents")
 
 
 def test_sweep_groups_into_one_compile_and_compare_writes_figures(tmp_path, capsys):
