@@ -33,6 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*")
     s.add_argument("--out", default="runs")
     s.add_argument("--quiet", action="store_true")
+    s.add_argument("--jobs", type=int, default=1, help="static groups trained side by side (processes)")
 
     a = sub.add_parser("ablate", help="every switch of the agent off, one at a time, plus all off, x seeds")
     a.add_argument("config")
@@ -102,8 +103,10 @@ def cmd_sweep(args) -> int:
 
     parallel.maybe_initialize()
     name, runs = sweep.load_sweep(args.sweep, args.overrides)
+    if args.jobs < 1:
+        raise UserError(f"--jobs={args.jobs} must be >= 1")
     _check_writable(args.out)
-    sweep.execute(runs, args.out, name, show_progress=not args.quiet)
+    sweep.execute(runs, args.out, name, show_progress=not args.quiet, jobs=args.jobs)
     return 0
 
 

@@ -233,14 +233,13 @@ class Reporter:
 
 
 def execute(runs: list[Run], out_root: str, sweep_name: str | None = None, show_progress: bool = True,
-            log=print) -> list[dict]:
+            log=print, jobs: int = 1) -> list[dict]:
     """Train every unfinished run (grouped by static signature) and write its run folder.
 
     With ``sweep_name``, runs live in ``out_root/sweep_name/<run>`` and ``sweep.json`` there
-    tracks them; without, a single run lives in ``out_root/<name>``.
+    tracks them; without, a single run lives in ``out_root/<name>``. ``jobs > 1`` trains that
+    many static groups side by side in separate processes.
     """
-    from rlstop.train.driver import run_group
-
     root = os.path.join(out_root, sweep_name) if sweep_name else out_root
     groups = group_runs(runs)
     sweep_path = os.path.join(root, "sweep.json") if sweep_name else None
@@ -267,42 +266,73 @@ def execute(runs: list[Run], out_root: str, sweep_name: str | None = None, show_
 
     # What is left to do, decided once before any training (every process decides the same).
     todos = [[r for r in group if not results.is_complete(os.path.join(root, r.name))] for group in groups]
+    for gi, group in enumerate(groups):
+        for r in group:
+            if r not in todos[gi]:
+                summaries[r.name] = results.read_json(os.path.join(root, r.name, "summary.json"))
+                state["runs"][r.name]["status"] = summaries[r.name]["status"]
+
+    def record(gi: int, done: dict, info: dict) -> None:
+        summaries.update(done)
+        for name, s in done.items():
+            state["runs"][name].update({"status": s["status"], "compile_s": s["compile_s"], "wall_s": s["wall_s"]})
+        state["groups"].append({"group": gi, **info})
+        save_state()
+
+    pending = [gi for gi in range(len(groups)) if todos[gi]]
+    if jobs > 1 and len(pending) > 1 and main and jax.process_count() == 1:
+        # Static groups side by side, each in its own process (each compiles its own function).
+        import concurrent.futures as cf
+        import multiprocessing as mp
+
+        with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+            futures = {pool.submit(_train_group, root, todos[gi], gi, False): gi for gi in pending}
+            for fut in cf.as_completed(futures):
+                done, info = fut.result()
+                record(futures[fut], done, info)
+                for name in info["runs"]:
+                    log(_one_line(summaries[name], os.path.join(root, name)))
+        return [summaries.get(r.name) for r in runs]
+
     with Reporter(show_progress and main) as rep:
-        for gi, group in enumerate(groups):
-            todo = todos[gi]
-            for r in group:
-                if r not in todo:
-                    summaries[r.name] = results.read_json(os.path.join(root, r.name, "summary.json"))
-                    state["runs"][r.name]["status"] = summaries[r.name]["status"]
-            if not todo:
-                continue
-            batch = sum(r.cfg.train.seeds for r in todo)
-            label = todo[0].name if len(todo) == 1 else f"group {gi} ({len(todo)} runs)"
-            update = rep.task(f"{label} x{batch}", todo[0].cfg.train.total_steps, batch)
-            for r in todo if main else ():  # the resolved config first: a killed run is recognised on the rerun
-                results.atomic_write(os.path.join(root, r.name, "config.yaml"), config_lib.to_yaml(r.cfg))
-            ckpt_dir = (os.path.join(root, todo[0].name, "checkpoints", "latest") if len(todo) == 1 else
-                        os.path.join(root, ".checkpoints", "group-" + "-".join(sorted(r.name for r in todo))[:80]))
-            res = run_group([r.cfg for r in todo], progress=update, ckpt_dir=ckpt_dir)
-            if res.resumed_from:
-                rep.print(f"resumed {label} from its checkpoint at {res.resumed_from:,} env steps")
-            if not main:
-                continue
-            offset = 0
-            for i, r in enumerate(todo):
-                s = write_run(os.path.join(root, r.name), r, res, i, offset)
-                offset += r.cfg.train.seeds
-                summaries[r.name] = s
-                state["runs"][r.name].update({"status": s["status"], "compile_s": s["compile_s"],
-                                              "wall_s": s["wall_s"]})
-            state["groups"].append({"group": gi, "runs": [r.name for r in todo], "compiles": res.compiles,
-                                    "batch": batch, "compile_s": res.compile_s, "wall_s": res.wall_s,
-                                    "resumed_from": res.resumed_from})
-            save_state()
-            shutil.rmtree(ckpt_dir, ignore_errors=True)
-            for r in todo:
-                rep.print(_one_line(summaries[r.name], os.path.join(root, r.name)))
+        for gi in pending:
+            done, info = _train_group(root, todos[gi], gi, rep)
+            if main:
+                record(gi, done, info)
+                for name in info["runs"]:
+                    rep.print(_one_line(summaries[name], os.path.join(root, name)))
     return [summaries.get(r.name) for r in runs]
+
+
+def _train_group(root: str, todo: list[Run], gi: int, rep) -> tuple[dict, dict]:
+    """Train one group of runs that share a compile; write their folders (process 0 only).
+
+    Returns the summaries by run name and the group's entry for sweep.json."""
+    from rlstop.train import parallel
+    from rlstop.train.driver import run_group
+
+    main = parallel.is_main_process()
+    rep = rep or Reporter(False)
+    batch = sum(r.cfg.train.seeds for r in todo)
+    label = todo[0].name if len(todo) == 1 else f"group {gi} ({len(todo)} runs)"
+    update = rep.task(f"{label} x{batch}", todo[0].cfg.train.total_steps, batch)
+    for r in todo if main else ():  # the resolved config first: a killed run is recognised on the rerun
+        results.atomic_write(os.path.join(root, r.name, "config.yaml"), config_lib.to_yaml(r.cfg))
+    ckpt_dir = (os.path.join(root, todo[0].name, "checkpoints", "latest") if len(todo) == 1 else
+                os.path.join(root, ".checkpoints", "group-" + "-".join(sorted(r.name for r in todo))[:80]))
+    res = run_group([r.cfg for r in todo], progress=update, ckpt_dir=ckpt_dir)
+    if res.resumed_from:
+        rep.print(f"resumed {label} from its checkpoint at {res.resumed_from:,} env steps")
+    done = {}
+    if main:
+        offset = 0
+        for i, r in enumerate(todo):
+            done[r.name] = write_run(os.path.join(root, r.name), r, res, i, offset)
+            offset += r.cfg.train.seeds
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    info = {"runs": [r.name for r in todo], "compiles": res.compiles, "batch": batch, "compile_s": res.compile_s,
+            "wall_s": res.wall_s, "resumed_from": res.resumed_from}
+    return done, info
 
 
 def _one_line(s: dict, path: str) -> str:
