@@ -257,6 +257,24 @@ def test_gaussian_policy_acts_within_bounds_and_greedy_is_the_mean(gaussian):
     np.testing.assert_allclose(agent.greedy(params, obs), jnp.clip(mean, -1, 1))
 
 
+@pytest.mark.parametrize("kw", [{}, {"shared_torso": True, "layer_norm": True}, {"discrete": False}])
+def test_init_params_is_distributed_as_init(kw):
+    from rlstop.networks import ActorCritic
+
+    net = ActorCritic(**{"action_dim": 2, "discrete": True, "hidden_sizes": (16, 16), **kw})
+    obs = jnp.zeros((1, OBS))
+    ref, fast = net.init(jax.random.PRNGKey(0), obs), net.init_params(jax.random.PRNGKey(0), obs)
+    assert jax.tree.structure(ref) == jax.tree.structure(fast)
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(ref)[0], jax.tree.leaves(fast)):
+        assert a.shape == b.shape, path
+        if path[-1].key != "kernel":  # biases, the log-std, LayerNorm: the same constants
+            np.testing.assert_array_equal(a, b)
+            continue
+        gram = lambda k: k.T @ k if k.shape[0] >= k.shape[1] else k @ k.T  # noqa: E731
+        # Orthogonal with the same gain: gain^2 I.
+        np.testing.assert_allclose(gram(b), gram(a), atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # Configs and the loop.
 
