@@ -73,7 +73,7 @@ class ActorCriticConfig:
     max_grad_norm: float = 0.5       # clip the global gradient norm; 0 = off
     normalize_advantages: bool = True  # per minibatch: (A - mean) / (std + 1e-8)
     anneal_lr: bool = False          # learning rate decays linearly to 0 over the run
-    reward_scale: float = 1.0        # rewards are multiplied by this in the loss (not in the logs)
+    reward_scale: float = 1.0        # the critic learns rewards times this (logs stay in reward units)
     target_update_period: int = 1    # updates (rollouts learned from) between target-critic syncs
     target_tau: float = 1.0          # 1 = hard copy; < 1 = Polyak averaging at each sync
     # switches
@@ -417,6 +417,8 @@ class ActorCriticAgent:
         # Polyak step of size tau when a sync is due (tau = 1: hard copy), else unchanged.
         step = jnp.where(jnp.mod(updates, hp["target_update_period"]) == 0, hp["target_tau"], 0.0)
         target_params = jax.tree.map(lambda tp, p: tp + step * (p - tp), state.target_params, state.params)
-        metrics["value_mean"] = jnp.mean(v_old)
-        metrics["value_max_abs"] = jnp.max(jnp.abs(v_old))
+        # In reward units (the critic learns scaled rewards), so that the soft-divergence bound
+        # r_max / (1 - gamma) applies as it stands.
+        metrics["value_mean"] = jnp.mean(v_old) / hp["reward_scale"]
+        metrics["value_max_abs"] = jnp.max(jnp.abs(v_old)) / hp["reward_scale"]
         return state.replace(target_params=target_params, updates=updates), metrics
