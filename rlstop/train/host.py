@@ -2,13 +2,17 @@
 
 Where the env is not JAX-native it cannot live inside ``lax.scan``; everything else still can.
 The loop steps a ``gymnasium.vector.SyncVectorEnv`` (``env.num_envs`` sub-envs, autoreset in the
-same step) and calls the same agent functions as the scan loop (``DQN.act``, ``DQN.update``,
-``replay.add`` / ``replay.sample``, ``DQN.epsilon``, ``sync_due``), each compiled ahead of time
-once per group (``jax.jit(...).lower(...).compile()``: a compiled call skips jit's dispatch
-checks, which on a small CPU cost as much as the step itself). Per vector step there is one act
-call; per ``train_every`` steps the host hands the transitions over in one batch and one call
-writes them to replay, samples and updates. The epsilon schedule and the action keys of a whole
-logging block come from one call too.
+same step) and calls the same agent functions as the scan loops, each compiled ahead of time once
+per group (``jax.jit(...).lower(...).compile()``: a compiled call skips jit's dispatch checks,
+which on a small CPU cost as much as an env step):
+
+* DQN (``DQNLoop``): one ``DQN.act`` call per vector step; every ``train_every`` vector steps the
+  host hands the transitions over in one batch, and one call writes them to replay
+  (``replay.add``), samples (``replay.sample``) and updates (``DQN.update``, target sync by
+  ``sync_due``), as the off-policy scan loop's iteration does. Epsilons (``DQN.epsilon``) and
+  action keys of a whole logging block come from one call.
+* A2C / PPO (``ActorCriticLoop``): one ``ActorCriticAgent.act`` call per vector step with the
+  block's action noise drawn at once; one ``ActorCriticAgent.update`` call per rollout.
 
 Termination and truncation stay apart: a transition stores the true next observation
 (``info["final_obs"]`` where an episode ended) and ``terminated`` alone cuts the bootstrap, so a
@@ -19,6 +23,7 @@ Runs of a group and seeds of a run train one after another, each with its own ve
 all of them share the compiled functions (values that differ between runs are traced arguments).
 The result is the scan loop's ``GroupResult``: the same metric columns, ``eval_return`` from
 ``train.eval_episodes`` greedy episodes every evaluation period, the same divergence check.
+Not here (yet): checkpoints and resume, and ``rlstop eval`` of a finished run.
 """
 from __future__ import annotations
 
@@ -108,7 +113,9 @@ def run_group(cfgs: list, progress: Callable | None = None):
 
 class Observer:
     """Observations as the agent sees them: cast to its dtype and, with ``env.normalize_obs``,
-    normalised by running moments that training updates and evaluation only reads."""
+    normalised by running moments (clipped to +-10, as gymnasium's NormalizeObservation) that
+    training updates and evaluation only reads. Replay keeps observations as normalised when they
+    were stored; the moments settle early, so old and new entries differ little."""
 
     def __init__(self, env: genv.GymnasiumEnv, normalize: bool):
         self.dtype = env.obs_dtype
