@@ -32,9 +32,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 CONFIGS = {
-    "dqn": ("configs/dqn_cartpole.yaml", ["agent.hidden_sizes=[64,64]", "train.log_every=50000"]),
-    "ppo": ("configs/ppo_cartpole.yaml", ["train.total_steps=499712", "train.log_every=32768",
-                                          "train.eval_every=0"]),
+    "dqn": ("configs/dqn_cartpole.yaml", ["agent.hidden_sizes=[64,64]", "train.log_every=50000",
+                                          "train.eval_every=500000"]),
+    "ppo": ("configs/ppo_cartpole.yaml", ["train.total_steps=499712", "train.log_every=8192",
+                                          "train.eval_every=499712"]),
 }
 
 

@@ -39,6 +39,20 @@ def make_program(cfg, env, varying: frozenset = frozenset()) -> Program:
     return make(cfg, env)
 
 
+def loop_hook(cfg, name: str):
+    """An optional function of the config's loop module (e.g. ``final_extras``, ``check_inputs``,
+    ``prepare``), or None."""
+    return getattr(importlib.import_module(LOOPS[cfg.agent.kind]), name, None)
+
+
+def check_inputs(cfg) -> None:
+    """Bad input that only the env or other runs' files reveal (e.g. ``agent.init_from``), as a
+    UserError, before anything is written."""
+    check = loop_hook(cfg, "check_inputs")
+    if check is not None:
+        check(cfg)
+
+
 def batch_hparams(cfgs) -> tuple[dict, dict]:
     """Traced values of every (run, seed) pair, and their vmap axes.
 
@@ -200,6 +214,9 @@ def run_group(cfgs: list, progress=None, ckpt_dir: str | None = None) -> GroupRe
         out_s = jax.tree.map(lambda _: split, jax.eval_shape(init_fn, keys, hp))
         init = jax.jit(init_fn, in_shardings=(split, hp_s), out_shardings=out_s).lower(keys, hp).compile()
     runner = init(keys, hp)
+    prepare = loop_hook(cfg0, "prepare")
+    if prepare is not None:  # e.g. parameters from earlier runs (agent.init_from)
+        runner = prepare(runner, cfgs)
     chunk = compile_chunk(program, lay, runner, hp, hp_axes, mesh)
     compile_s = time.perf_counter() - t0
 
@@ -280,16 +297,23 @@ def value_bound(cfg, env) -> float:
     return float("inf") if gamma >= 1.0 else r_max / (1.0 - gamma)
 
 
+# An estimate must exceed the soft bound by more than this fraction to count as diverged: on
+# CartPole (gamma 0.99, bootstrapping through truncation) a perfect policy is worth exactly
+# r_max / (1 - gamma) = 100, and a converged critic sits at 100.0x.
+SOFT_BOUND_TOLERANCE = 0.01
+
+
 def detect_divergence(values: np.ndarray, steps: np.ndarray, bound: float):
     """Per seed: sticky diverged flag per logging point, the first step flagged, whether non-finite.
 
     values: [seeds, points] magnitude of the value estimates (e.g. q_max_abs). A seed diverges at
-    the first point where that magnitude is non-finite or above ``bound``.
+    the first point where that magnitude is non-finite or above ``bound`` (by more than
+    ``SOFT_BOUND_TOLERANCE``).
     """
     values = np.asarray(values, dtype=np.float64)
     bad_nonfinite = ~np.isfinite(values)
     with np.errstate(invalid="ignore"):
-        bad = bad_nonfinite | (np.abs(values) > bound)
+        bad = bad_nonfinite | (np.abs(values) > bound * (1.0 + SOFT_BOUND_TOLERANCE))
     sticky = np.maximum.accumulate(bad, axis=1) if bad.size else bad
     first = [int(steps[np.argmax(row)]) if row.any() else None for row in bad]
     nonfinite = bad_nonfinite.any(axis=1).tolist()
