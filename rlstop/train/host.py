@@ -27,6 +27,7 @@ Not here (yet): checkpoints and resume, and ``rlstop eval`` of a finished run.
 """
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any, Callable
 
@@ -197,7 +198,7 @@ class DQNLoop:
     write, one update) with the env steps taken on the host."""
 
     value_metric = "q_max_abs"
-    compiles = 5
+    compiles = 6
 
     def __init__(self, cfg, env: genv.GymnasiumEnv):
         from rlstop.agents import dqn
@@ -229,7 +230,9 @@ class DQNLoop:
         self.init = _aot(self._init, key, hp)
         self.schedule = _aot(self._schedule, learner.act_key, np.int32(0), hp)
         self.act = _aot(agent.act, learner.agent.params, obs, key, np.float32(0))
-        self.learn = _aot(self._learn, learner, _abstract(chunk), np.int32(0), True, hp, donate=(0,))
+        # Whether learning has started is known on the host: two compiled functions, not a cond.
+        self.learn, self.fill = (_aot(functools.partial(self._learn, learning=on), learner, _abstract(chunk),
+                                      np.int32(0), True, hp, donate=(0,)) for on in (True, False))
         e = cfg.train.eval_episodes
         self.greedy = _aot(agent.act, learner.agent.params, np.zeros((e,) + env.obs_shape, env.obs_dtype),
                            key, np.float32(0))
@@ -251,31 +254,24 @@ class DQNLoop:
         eps = self.agent.epsilon(steps, hp, self.cfg.train.total_steps).astype(jnp.float32)
         return jax.random.split(jax.random.fold_in(act_key, block), v), eps
 
-    def _learn(self, learner: Learner, trans: Transition, steps_before, fresh, hp) -> Learner:
-        """The scan loop's iteration after its env steps: replay write, sample, update (once
-        learning has started; else the value estimates of the sample), metric sums."""
+    def _learn(self, learner: Learner, trans: Transition, steps_before, fresh, hp, *, learning: bool) -> Learner:
+        """The scan loop's iteration after its env steps: replay write, sample, and an update once
+        learning has started (CleanRL: after ``learning_starts`` env steps), else only the value
+        estimates of the sample; metric sums of the block (restarted where ``fresh``)."""
         a, agent = self.cfg.agent, self.agent
         key, k_sample = jax.random.split(learner.key)
         buffer = replay.add(learner.buffer, trans, steps_before)
         steps_after = steps_before + self.steps_per_iter
         batch = replay.sample(buffer, k_sample, a.batch_size, steps_after)
-
-        def learn(state):
-            return agent.update(state, batch, hp, self.sync_due(steps_before, steps_after, hp["target_update_period"]))
-
-        def wait(state):
-            nan = jnp.full((), jnp.nan, jnp.float32)
-            return state, {"loss": nan, "grad_norm": nan, **agent.q_stats(state.params, batch.obs)}
-
-        learning = steps_before >= a.learning_starts  # CleanRL: after learning_starts steps
-        state, m = jax.lax.cond(learning, learn, wait, learner.agent)
         acc = jax.tree.map(lambda x: jnp.where(fresh, jnp.zeros_like(x), x), learner.acc)
-        on = learning.astype(jnp.float32)
-        acc = {"loss": acc["loss"] + jnp.where(learning, m["loss"], 0.0),
-               "grad_norm": acc["grad_norm"] + jnp.where(learning, m["grad_norm"], 0.0),
-               "learned": acc["learned"] + on,
-               "q_mean": acc["q_mean"] + m["q_mean"],
-               "iters": acc["iters"] + 1.0,
+        if learning:
+            sync = self.sync_due(steps_before, steps_after, hp["target_update_period"])
+            state, m = agent.update(learner.agent, batch, hp, sync)
+            acc = {**acc, "loss": acc["loss"] + m["loss"], "grad_norm": acc["grad_norm"] + m["grad_norm"],
+                   "learned": acc["learned"] + 1.0}
+        else:  # no update, but the value estimates are real
+            state, m = learner.agent, agent.q_stats(learner.agent.params, batch.obs)
+        acc = {**acc, "q_mean": acc["q_mean"] + m["q_mean"], "iters": acc["iters"] + 1.0,
                "q_max_abs": jnp.maximum(acc["q_max_abs"], m["q_max_abs"])}
         return learner.replace(agent=state, buffer=buffer, key=key, acc=acc)
 
@@ -293,7 +289,7 @@ class DQNLoop:
         obs, _ = envs.reset(seed=[seed * n + i for i in range(n)])
         obs, _ = observe.train(obs, obs)
         shape, dtype = env.obs_shape, env.obs_dtype
-        act, learn, to_env, step = self.act, self.learn, env.to_env_action, genv.step_vector
+        act, learn, fill, to_env, step = self.act, self.learn, self.fill, env.to_env_action, genv.step_vector
         out = {k: np.full(n_blocks, np.nan) for k in ("episode_return", "eval_return", "loss", "grad_norm",
                                                        "q_mean", "q_max_abs")}
         for b in range(n_blocks):
@@ -319,7 +315,8 @@ class DQNLoop:
                         ended.extend(done)
                 trans = Transition(o.reshape((-1,) + shape), acts.reshape(-1), rew.reshape(-1), term.reshape(-1),
                                    nxt.reshape((-1,) + shape))
-                learner = learn(learner, trans, np.int32(steps_before), it == 0, hp)
+                step_fn = learn if steps_before >= cfg.agent.learning_starts else fill
+                learner = step_fn(learner, trans, np.int32(steps_before), it == 0, hp)
             acc = jax.device_get(learner.acc)
             out["episode_return"][b] = _window_mean(ended)
             out["loss"][b] = acc["loss"] / acc["learned"] if acc["learned"] else np.nan
