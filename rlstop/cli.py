@@ -170,6 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # an unwritable or full output folder, a vanished file
+        where = f" {e.filename!r}" if e.filename else ""
+        print(f"error: cannot read or write{where}: {e.strerror or e}; check the path, its permissions and free "
+              "space (finished runs are kept; rerun the same command to resume)", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted: finished runs are saved; run the same command again to resume", file=sys.stderr)
         return 130
