@@ -60,6 +60,9 @@ def run_group(cfgs: list, progress: Callable | None = None):
     if cfg0.agent.kind not in loops:
         raise UserError(f"agent.kind={cfg0.agent.kind!r} has no gymnasium loop (it runs on finite MDPs: "
                         "env.backend=mdp); use dqn, a2c or ppo with gymnasium envs")
+    if getattr(cfg0.agent, "init_from", None):
+        raise UserError("agent.init_from is not supported by the gymnasium host loop yet; "
+                        "start from scratch (agent.init_from=null) or use a gymnax env")
     t0 = time.perf_counter()
     loop = loops[cfg0.agent.kind](cfg0, env)
     compile_s = time.perf_counter() - t0
