@@ -57,6 +57,22 @@ def curve_band(values: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarra
     return mean, lo, hi
 
 
+def divergence(summary: dict, df: pd.DataFrame) -> dict:
+    """Divergence per seed by the current rule (``rlstop.train.driver.detect_divergence``),
+    re-derived from the recorded value metric and bound, so that tables of older runs follow the
+    same rule as new ones. Falls back to the summary when the metric was not recorded."""
+    from rlstop.train.driver import detect_divergence
+
+    div = dict(summary.get("diverged", {}))
+    metric, bound = div.get("value_metric"), div.get("bound")
+    if metric in df.columns and bound:
+        steps, vals = pivot(df, metric)
+        _, first, nonfinite = detect_divergence(vals, steps, float(bound))
+        div.update(step=first, nonfinite=nonfinite,
+                   fraction=sum(s is not None for s in first) / max(len(first), 1))
+    return div
+
+
 def collect(dirs: list[str]) -> dict[str, tuple[dict, pd.DataFrame]]:
     """label -> (summary, metrics) for every finished run under the given run or sweep folders."""
     runs: dict[str, tuple[dict, pd.DataFrame]] = {}
@@ -98,7 +114,7 @@ def table(runs: dict) -> pd.DataFrame:
         with np.errstate(invalid="ignore"):
             auc = np.nanmean(np.where(np.isfinite(vals), vals, np.nan), axis=1)
         point, lo, hi = bootstrap_ci(final, statistic=lambda x: iqm(x))
-        div = summary.get("diverged", {})
+        div = divergence(summary, df)
         div_steps = [s for s in div.get("step", []) if s is not None]
         nonfinite = div.get("nonfinite", [])
         bound = div.get("bound")
@@ -147,7 +163,7 @@ def plot_metric(runs: dict, metric: str, path: str, title: str = "") -> bool:
         mean, lo, hi = curve_band(vals, seed=i)
         ok = np.isfinite(mean)
         color = f"C{i % 10}"
-        div = summary.get("diverged", {})
+        div = divergence(summary, df)
         n_div = sum(s is not None for s in div.get("step", []))
         lab = label + (f"  ({n_div}/{vals.shape[0]} seeds diverged)" if n_div else "")
         # A variant whose curve equals an earlier one exactly (e.g. a switch that changes nothing

@@ -26,9 +26,10 @@ ablate() {  # name config overrides...
     mkdir -p "results/$name/runs/$(basename "$run")"
     cp "$run"/config.yaml "$run"/metrics.csv "$run"/summary.json "results/$name/runs/$(basename "$run")/"
   done
-  cp "$src"/compare/*.png "$src"/compare/table.md "$src"/compare/table.csv "results/$name/"
   cp "$src"/sweep.json "results/$name/"
-  printf 'rlstop ablate %s %s\n' "$cfg" "$*" > "results/$name/COMMAND"
+  rlstop compare "results/$name/runs" --out "results/$name" > /dev/null
+  printf 'rlstop ablate %s %s\nrlstop compare results/%s/runs --out results/%s\n' "$cfg" "$*" "$name" "$name" \
+    > "results/$name/COMMAND"
   echo "   $((SECONDS - t0)) s"
 }
 
