@@ -215,7 +215,11 @@ def compare(dirs: list[str], out: str | None = None, metric: str | None = None, 
         fig_dir, single = os.path.dirname(out) or ".", out
     else:
         fig_dir, single = out or os.path.join(dirs[0], "compare"), None
-    title_base = ", ".join(os.path.basename(os.path.normpath(d)) for d in dirs)
+    def _name(d: str) -> str:  # results/<name>/runs -> <name>
+        d = os.path.normpath(d)
+        return os.path.basename(os.path.dirname(d)) if os.path.basename(d) == "runs" else os.path.basename(d)
+
+    title_base = ", ".join(_name(d) for d in dirs)
     written = []
     for m in ([metric] if metric else all_metrics):
         path = single or os.path.join(fig_dir, f"{m}.png")
