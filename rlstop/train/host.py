@@ -27,7 +27,9 @@ Not here (yet): checkpoints and resume, and ``rlstop eval`` of a finished run.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
 import time
 from typing import Any, Callable
 
@@ -76,12 +78,13 @@ def run_group(cfgs: list, progress: Callable | None = None):
 
     per_pair = []
     t_run = time.perf_counter()
-    for k, (c, seed) in enumerate(pairs):
-        def report(done, k=k):
-            if progress is not None:
-                progress((k * total + done) // len(pairs), total)
+    with frozen_heap():
+        for k, (c, seed) in enumerate(pairs):
+            def report(done, k=k):
+                if progress is not None:
+                    progress((k * total + done) // len(pairs), total)
 
-        per_pair.append(loop.run(c, seed, n_blocks, blocks_per_eval, report)[0])
+            per_pair.append(loop.run(c, seed, n_blocks, blocks_per_eval, report)[0])
     run_s = time.perf_counter() - t_run
 
     steps = (np.arange(n_blocks) + 1) * t.log_every
@@ -113,6 +116,23 @@ def run_group(cfgs: list, progress: Callable | None = None):
 
 # ---------------------------------------------------------------------------------------------
 # pieces both loops share
+
+
+@contextlib.contextmanager
+def frozen_heap():
+    """Keep Python's cycle collector off the objects that exist before the loop starts.
+
+    Every call returns fresh arrays and pytrees, so collections run often, and each older-
+    generation collection would rescan every long-lived object of jax, flax and gymnasium.
+    ``gc.freeze`` (as long-running servers use it) moves them out of the collector's sight; the
+    loop's own garbage is still collected. About a quarter less time per env step here.
+    """
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 class Observer:
