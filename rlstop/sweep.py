@@ -241,6 +241,11 @@ def execute(runs: list[Run], out_root: str, sweep_name: str | None = None, show_
     many static groups side by side in separate processes.
     """
     root = os.path.join(out_root, sweep_name) if sweep_name else out_root
+    from rlstop.train import driver
+
+    for r in runs:  # input errors that need the env or other runs' files, before anything is written
+        if not results.is_complete(os.path.join(root, r.name)):
+            driver.check_inputs(r.cfg)
     groups = group_runs(runs)
     sweep_path = os.path.join(root, "sweep.json") if sweep_name else None
     state = {"name": sweep_name, "runs": {}, "groups": []}

@@ -29,6 +29,13 @@ Switches (traced: one compile serves every combination):
 
 ``layer_norm`` and ``shared_torso`` change the parameters' shapes and are static.
 
+The optimizer (``agent.optimizer``: adam, adamw, sgd) is built by ``rlstop.agents.optim``;
+``agent.freeze`` / ``agent.freeze_mode`` freeze parameter sub-trees (``actor_torso``,
+``critic_torso`` or the shared ``torso``, ``policy_head``, ``value_head``, ``log_std``) and
+``agent.init_from`` starts from an earlier run's parameters (``rlstop.agents.freeze``).
+Freezing a sub-tree fixes parameters; ``stop_gradient_*_features`` detach features (the
+parameters behind them stay trainable by the other loss).
+
 Termination and truncation stay apart: discount = gamma * (1 - terminated); every step bootstraps
 from the value of its true next observation (``final_obs``, the last observation where a time
 limit cut the episode); the lambda-trace is cut at every episode end (``continue_t``), so no
@@ -38,7 +45,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 import flax
 import jax
@@ -47,6 +54,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from rlstop import losses
+from rlstop.agents import freeze, optim
 from rlstop.errors import UserError
 from rlstop.networks import ACTIVATIONS, ActorCritic
 
@@ -76,6 +84,14 @@ class ActorCriticConfig:
     reward_scale: float = 1.0        # the critic learns rewards times this (logs stay in reward units)
     target_update_period: int = 1    # updates (rollouts learned from) between target-critic syncs
     target_tau: float = 1.0          # 1 = hard copy; < 1 = Polyak averaging at each sync
+    optimizer: str = "adam"          # adam | adamw | sgd (rlstop.agents.optim)
+    weight_decay: float = 0.0        # adamw: decoupled weight decay
+    momentum: float = 0.0            # sgd: heavy-ball momentum
+    # frozen sub-trees and initialisation from another run (rlstop.agents.freeze)
+    freeze: list[str] = field(default_factory=list)  # e.g. [actor_torso]
+    freeze_mode: str = "mask"        # mask (through the optimizer) | stop_gradient (in the loss)
+    init_from: Optional[str] = None  # a finished run's folder
+    init_params: Optional[list[str]] = None  # the sub-trees init_from loads; null = all
     # switches
     stop_gradient_advantage: bool = True
     stop_gradient_target: bool = True
@@ -91,6 +107,7 @@ class ActorCriticConfig:
         "target_update_period", "target_tau",
         "stop_gradient_advantage", "stop_gradient_target", "target_network",
         "stop_gradient_critic_features", "stop_gradient_actor_features",
+        "weight_decay", "momentum",
     )
     SWITCHES: ClassVar[tuple[str, ...]] = (
         "stop_gradient_advantage", "stop_gradient_target", "target_network",
@@ -125,6 +142,8 @@ class ActorCriticConfig:
         check(self.target_update_period >= 1,
               f"agent.target_update_period={self.target_update_period} must be >= 1")
         check(0.0 < self.target_tau <= 1.0, f"agent.target_tau={self.target_tau} must be in (0, 1]")
+        optim.validate(self)
+        freeze.validate(self, cfg)
         batch = self.num_steps * cfg.env.num_envs
         check(cfg.train.log_every % batch == 0,
               f"train.log_every={cfg.train.log_every} must be a multiple of agent.num_steps * env.num_envs "
@@ -164,7 +183,7 @@ def hparams(cfg: ActorCriticConfig) -> dict:
 class ActorCriticState:
     params: flax.core.FrozenDict
     target_params: flax.core.FrozenDict  # the target critic (the policy part is carried, unused)
-    opt_state: optax.OptState            # Adam's state for the parameters as one flat vector
+    opt_state: optax.OptState            # the optimizer's state for the parameters as flat vectors (``_flat``)
     updates: jnp.ndarray                 # updates (rollouts learned from) so far
 
 
@@ -245,6 +264,15 @@ class ActorCriticAgent:
             self.action_high = jnp.reshape(env.action_high, (action_dim,))
         self.network = ActorCritic(action_dim, self.discrete, tuple(cfg.hidden_sizes), cfg.activation,
                                    cfg.layer_norm, cfg.shared_torso)
+        # Frozen sub-trees (static): masked in the optimizer, or detached in the loss.
+        self.frozen = tuple(cfg.freeze)
+        self.mask = bool(self.frozen) and cfg.freeze_mode == "mask"
+        self.detached = self.frozen if cfg.freeze_mode == "stop_gradient" else ()
+        if self.frozen or cfg.init_params:
+            shapes = jax.eval_shape(self.network.init_params, jax.random.PRNGKey(0),
+                                    jnp.zeros((1,) + self.obs_shape, jnp.float32))
+            freeze.check_names(self.frozen, shapes, "agent.freeze")
+            freeze.check_names(cfg.init_params, shapes, "agent.init_params")
         self.num_envs = num_envs
         rollouts = max(1, total_steps // (cfg.num_steps * num_envs))
         self.total_updates = rollouts * cfg.num_epochs * cfg.num_minibatches
@@ -257,18 +285,36 @@ class ActorCriticAgent:
 
     # -- optimisation ---------------------------------------------------------------------------
     def optimizer(self, hp) -> optax.GradientTransformation:
-        """Adam (eps 1e-5, as CleanRL's PPO); the learning rate decays linearly to 0 if anneal_lr."""
+        """``agent.optimizer`` (Adam by default; eps 1e-5, as CleanRL's PPO); the learning rate
+        decays linearly to 0 if anneal_lr. With ``freeze_mode: mask``, a zero update for the
+        frozen vector (see ``_flat``)."""
         total = self.total_updates
 
         def lr(count):
             frac = jnp.where(hp["anneal_lr"], 1.0 - count / total, 1.0)
             return hp["learning_rate"] * frac
 
-        return optax.adam(lr, eps=1e-5)
+        labels = {optim.FROZEN: optim.FROZEN, optim.TRAINABLE: optim.TRAINABLE} if self.mask else None
+        return optim.build(self.cfg, hp, lr, eps=1e-5, labels=labels)
+
+    def _flat(self, tree):
+        """The parameters (or gradients) as the optimizer sees them, and the way back.
+
+        One flat vector: a few fused kernels instead of a few per parameter array, which compiles
+        and runs faster for these small networks. With ``freeze_mode: mask``, two: the frozen
+        sub-trees and the rest, ``{FROZEN: ..., TRAINABLE: ...}``, so that the optimizer can
+        tell them apart.
+        """
+        if not self.mask:
+            return ravel_pytree(tree)
+        chosen, rest = freeze.split(tree, self.frozen)
+        (f, unravel_f), (r, unravel_r) = ravel_pytree(chosen), ravel_pytree(rest)
+        return ({optim.FROZEN: f, optim.TRAINABLE: r},
+                lambda v: freeze.merge(unravel_f(v[optim.FROZEN]), unravel_r(v[optim.TRAINABLE])))
 
     def init(self, key: jax.Array, hp) -> ActorCriticState:
         params = self.network.init_params(key, jnp.zeros((1,) + self.obs_shape, jnp.float32))
-        opt_state = self.optimizer(hp).init(ravel_pytree(params)[0])
+        opt_state = self.optimizer(hp).init(self._flat(params)[0])
         return ActorCriticState(params, params, opt_state, jnp.zeros((), jnp.int32))
 
     # -- acting ---------------------------------------------------------------------------------
@@ -333,6 +379,7 @@ class ActorCriticAgent:
         b, t = batch.reward.shape
         flat = lambda x: x.reshape((b * t,) + x.shape[2:])  # noqa: E731
         boot = aux.boot
+        params = freeze.detach(params, self.detached)  # freeze_mode: stop_gradient
         pi, v = self.network.apply(params, flat(batch.obs), boot.obs.reshape((-1,) + self.obs_shape),
                                    hp["stop_gradient_actor_features"], hp["stop_gradient_critic_features"])
         v_tm1 = v[:b * t].reshape(b, t)
@@ -363,17 +410,20 @@ class ActorCriticAgent:
         return loss, {"actor_loss": actor_loss, "critic_loss": critic_loss, "entropy": entropy}
 
     def gradient_step(self, state: ActorCriticState, batch: Rollout, aux: Aux, hp):
-        """One gradient step on a minibatch."""
+        """One gradient step on a minibatch: the global norm clipped to the traced max_grad_norm,
+        then the optimizer, on the flat parameter vector(s) of ``_flat``. With ``freeze_mode:
+        mask`` the frozen sub-trees' gradients are dropped first (``grad_norm`` and clipping see
+        the trainable ones) and the optimizer gives them a zero update."""
         (loss, metrics), grads = jax.value_and_grad(self.loss, has_aux=True)(state.params, batch, aux, hp)
-        # The optimiser works on the parameters as one flat vector: a few fused kernels instead
-        # of a few per parameter array, which compiles and runs faster for these small networks.
-        flat_params, unravel = ravel_pytree(state.params)
-        grads = ravel_pytree(grads)[0]
-        grad_norm = jnp.sqrt(jnp.sum(jnp.square(grads)))
-        max_norm = hp["max_grad_norm"]
-        scale = jnp.where(max_norm > 0, jnp.minimum(1.0, max_norm / (grad_norm + 1e-6)), 1.0)
-        updates, opt_state = self.optimizer(hp).update(grads * scale, state.opt_state, flat_params)
-        params = unravel(flat_params + updates)
+        if self.mask:
+            grads = freeze.zero(grads, self.frozen)
+        flat_params, unravel = self._flat(state.params)
+        grads = self._flat(grads)[0]
+        grad_norm = optim.global_norm(grads)
+        scale = optim.clip_scale(grad_norm, hp["max_grad_norm"])
+        grads = jax.tree.map(lambda g: g * scale, grads)
+        updates, opt_state = self.optimizer(hp).update(grads, state.opt_state, flat_params)
+        params = unravel(jax.tree.map(lambda p, u: p + u, flat_params, updates))
         metrics = {"loss": loss, "grad_norm": grad_norm, **metrics}
         return state.replace(params=params, opt_state=opt_state), metrics
 

@@ -13,13 +13,17 @@ Switches (traced: one compile serves every combination):
 
 ``layer_norm`` changes the parameters' shapes and is static.
 
+The optimizer (``agent.optimizer``: adam, adamw, sgd) is built by ``rlstop.agents.optim``;
+``agent.freeze`` / ``agent.freeze_mode`` freeze parameter sub-trees (``torso``, ``head``) and
+``agent.init_from`` starts from an earlier run's parameters (``rlstop.agents.freeze``).
+
 The agent is pure functions over a flax.struct state: ``init``, ``act``, ``update``. The loops in
 ``rlstop.train`` call them (the jitted scan loop and the gymnasium host loop alike).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 import flax
 import jax
@@ -27,6 +31,7 @@ import jax.numpy as jnp
 import optax
 
 from rlstop import losses
+from rlstop.agents import freeze, optim
 from rlstop.agents.replay import Transition
 from rlstop.errors import UserError
 from rlstop.networks import ACTIVATIONS, QNetwork
@@ -49,6 +54,14 @@ class DQNConfig:
     epsilon_end: float = 0.05
     epsilon_fraction: float = 0.5    # of train.total_steps
     max_grad_norm: float = 0.0       # 0 = no clipping (static: it adds ops to every update)
+    optimizer: str = "adam"          # adam | adamw | sgd (rlstop.agents.optim)
+    weight_decay: float = 0.0        # adamw: decoupled weight decay
+    momentum: float = 0.0            # sgd: heavy-ball momentum
+    # frozen sub-trees and initialisation from another run (rlstop.agents.freeze)
+    freeze: list[str] = field(default_factory=list)  # e.g. [torso]
+    freeze_mode: str = "mask"        # mask (through the optimizer) | stop_gradient (in the loss)
+    init_from: Optional[str] = None  # a finished run's folder
+    init_params: Optional[list[str]] = None  # the sub-trees init_from loads; null = all
     # switches
     stop_gradient_target: bool = True
     target_network: bool = True
@@ -59,6 +72,7 @@ class DQNConfig:
         "learning_rate", "gamma", "target_update_period", "target_tau",
         "epsilon_start", "epsilon_end", "epsilon_fraction",
         "stop_gradient_target", "target_network", "double_q",
+        "weight_decay", "momentum",
     )
     SWITCHES: ClassVar[tuple[str, ...]] = ("stop_gradient_target", "target_network", "double_q", "layer_norm")
 
@@ -84,6 +98,8 @@ class DQNConfig:
               "agent.epsilon_start and agent.epsilon_end must be in [0, 1]")
         check(0.0 < self.epsilon_fraction <= 1.0, f"agent.epsilon_fraction={self.epsilon_fraction} must be in (0, 1]")
         check(self.max_grad_norm >= 0, f"agent.max_grad_norm={self.max_grad_norm} must be >= 0 (0 = off)")
+        optim.validate(self)
+        freeze.validate(self, cfg)
         steps_per_iter = self.train_every * cfg.env.num_envs
         check(cfg.train.log_every % steps_per_iter == 0,
               f"train.log_every={cfg.train.log_every} must be a multiple of agent.train_every * env.num_envs "
@@ -139,12 +155,20 @@ class DQN:
         self.obs_shape = obs_shape
         self.varying = frozenset(varying)
         self.network = QNetwork(num_actions, tuple(cfg.hidden_sizes), cfg.activation, cfg.layer_norm)
+        # Frozen sub-trees (static): masked in the optimizer, or detached in the loss.
+        self.frozen = tuple(cfg.freeze)
+        self.mask = bool(self.frozen) and cfg.freeze_mode == "mask"
+        self.detached = self.frozen if cfg.freeze_mode == "stop_gradient" else ()
+        if self.frozen or cfg.init_params:
+            shapes = jax.eval_shape(self.network.init, jax.random.PRNGKey(0), jnp.zeros(obs_shape, jnp.float32))
+            freeze.check_names(self.frozen, shapes, "agent.freeze")
+            freeze.check_names(cfg.init_params, shapes, "agent.init_params")
 
     def optimizer(self, hp) -> optax.GradientTransformation:
-        adam = optax.adam(hp["learning_rate"])
-        if self.cfg.max_grad_norm > 0:
-            return optax.chain(optax.clip_by_global_norm(self.cfg.max_grad_norm), adam)
-        return adam
+        """``agent.optimizer`` (Adam by default) with the static ``max_grad_norm`` clipping; with
+        ``freeze_mode: mask``, a zero update for the frozen sub-trees."""
+        labels = (lambda params: freeze.labels(params, self.frozen)) if self.mask else None
+        return optim.build(self.cfg, hp, hp["learning_rate"], max_grad_norm=self.cfg.max_grad_norm, labels=labels)
 
     def init(self, key: jax.Array, hp) -> DQNState:
         params = self.network.init(key, jnp.zeros(self.obs_shape, jnp.float32))
@@ -201,6 +225,7 @@ class DQN:
         ``update`` computes exactly the gradient of this function, by the chain rule in two
         parts so that the part through the target costs nothing when it is zero.
         """
+        params = freeze.detach(params, self.detached)
         q_tm1 = self.network.apply(params, batch.obs)
         q_t_value = self.network.apply(self._bootstrap_params(params, target_params, hp), batch.next_obs)
         td = self._td(q_tm1, q_t_value, self._selector(params, q_t_value, batch, hp), batch, hp)
@@ -218,13 +243,16 @@ class DQN:
         target not detached (else ∂L/∂Q(s', .) is exactly zero: the losses' stop_gradient
         switch). It is a vector-Jacobian product of one forward pass, computed under a
         ``lax.cond`` when the switches are shared by the batch.
+
+        With ``freeze_mode: stop_gradient`` both parts read the frozen sub-trees through a
+        stop-gradient, so their gradient is exactly zero.
         """
         bootstrap = self._bootstrap_params(params, target_params, hp)
         q_t_value = self.network.apply(jax.lax.stop_gradient(bootstrap), batch.next_obs)
         selector = self._selector(params, q_t_value, batch, hp)
 
         def direct(p, q_next):
-            q_tm1 = self.network.apply(p, batch.obs)
+            q_tm1 = self.network.apply(freeze.detach(p, self.detached), batch.obs)
             td = self._td(q_tm1, q_next, selector, batch, hp)
             return jnp.mean(td**2), self._q_metrics(q_tm1, batch)
 
@@ -232,7 +260,7 @@ class DQN:
             params, q_t_value)
 
         def through_target():
-            _, vjp = jax.vjp(lambda p: self.network.apply(p, batch.next_obs), params)
+            _, vjp = jax.vjp(lambda p: self.network.apply(freeze.detach(p, self.detached), batch.next_obs), params)
             return vjp(ct_next)[0]
 
         def nothing():
@@ -247,8 +275,13 @@ class DQN:
         return (loss, metrics), grads
 
     def update(self, state: DQNState, batch: Transition, hp, sync) -> tuple[DQNState, dict]:
-        """One gradient step, then (if ``sync``) a target step of size target_tau (1 = hard copy)."""
+        """One gradient step, then (if ``sync``) a target step of size target_tau (1 = hard copy).
+
+        With ``freeze_mode: mask`` the frozen sub-trees' gradients are dropped (``grad_norm`` and
+        clipping see the trainable ones) and the optimizer gives them a zero update."""
         (loss, metrics), g = self.gradients(state.params, state.target_params, batch, hp)
+        if self.mask:
+            g = freeze.zero(g, self.frozen)
         updates, opt_state = self.optimizer(hp).update(g, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         tau = hp["target_tau"]

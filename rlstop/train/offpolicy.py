@@ -5,6 +5,10 @@ under vmap, everything that depends only on time -- epsilon, the replay write po
 learning has started, whether a target sync is due -- stays a scalar, and the branches on it are
 real ``lax.cond``s rather than selects that compute both sides. An iteration is an inner scan
 of ``train_every`` vectorised env steps, one contiguous replay write, and one update.
+
+With ``agent.freeze`` the runner also keeps the frozen parameters as they started
+(``FrozenRunner``) and each logging block reports ``frozen_param_drift``. ``check_inputs`` and
+``prepare`` are the driver's hooks for ``agent.init_from`` (``rlstop.agents.freeze``).
 """
 from __future__ import annotations
 
@@ -14,7 +18,8 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from rlstop.agents import replay
+from rlstop.agents import freeze, replay
+from rlstop.agents.freeze import check_inputs, prepare  # noqa: F401 - the driver's hooks
 from rlstop.agents.dqn import DQN, DQNState, sync_due
 from rlstop.agents.replay import Transition
 from rlstop.train.common import EpisodeStats, Program, greedy_returns, masked_mean
@@ -30,6 +35,14 @@ class Runner:
     obs: jnp.ndarray
     stats: EpisodeStats
     key: jax.Array
+
+
+@flax.struct.dataclass
+class FrozenRunner(Runner):
+    """A runner that also keeps the frozen sub-trees' initial values (``frozen_param_drift``).
+    A subclass, so that runs without ``agent.freeze`` keep the state (and checkpoints) they had."""
+
+    frozen0: Any
 
 
 def make_program(cfg, env, varying: frozenset = frozenset()) -> Program:
@@ -49,8 +62,11 @@ def make_program(cfg, env, varying: frozenset = frozenset()) -> Program:
         k_agent, k_env, k_run = jax.random.split(key, 3)
         obs, env_state = jax.vmap(env.reset)(jax.random.split(k_env, num_envs))
         example = Transition(obs[0], jnp.zeros((), jnp.int32), jnp.zeros(()), jnp.zeros((), jnp.bool_), obs[0])
-        return Runner(agent.init(k_agent, hp), replay.init(example, a.buffer_size), env_state, obs,
-                      EpisodeStats.init(num_envs), k_run)
+        state = agent.init(k_agent, hp)
+        parts = (state, replay.init(example, a.buffer_size), env_state, obs, EpisodeStats.init(num_envs), k_run)
+        if a.freeze:
+            return FrozenRunner(*parts, freeze.select(state.params, a.freeze))
+        return Runner(*parts)
 
     def iteration(runner: Runner, hp, it):
         steps_before = it * steps_per_iter
@@ -100,6 +116,8 @@ def make_program(cfg, env, varying: frozenset = frozenset()) -> Program:
         out["q_mean"] = jnp.mean(metrics["q_mean"])
         out["q_max_abs"] = jnp.max(metrics["q_max_abs"])
         out["episode_return"] = runner.stats.window_mean()
+        if a.freeze:
+            out.update(freeze.drift(runner.agent.params, runner.frozen0, a.freeze))
         return runner, out
 
     def evaluate(runner: Runner, key, hp):
@@ -107,7 +125,8 @@ def make_program(cfg, env, varying: frozenset = frozenset()) -> Program:
         policy = lambda obs: jnp.argmax(agent.network.apply(params, obs), axis=-1)  # noqa: E731
         return greedy_returns(env, policy, key, t.eval_episodes)
 
-    return Program(init, block, evaluate, t.log_every, "q_max_abs", METRICS, timed=True)
+    return Program(init, block, evaluate, t.log_every, "q_max_abs", METRICS + freeze.metric_names(a.freeze),
+                   timed=True)
 
 
 def greedy_policy(cfg, env, runner):

@@ -4,6 +4,10 @@ An iteration is a rollout of ``agent.num_steps`` vectorised steps of ``env.num_e
 (one ``lax.scan``), then the agent's update on it: ``num_epochs`` x ``num_minibatches`` gradient
 steps, two nested scans. A logging block is ``train.log_every / (num_steps * num_envs)``
 iterations. Nothing here branches per step: there is no ``lax.cond`` to turn into a select.
+
+With ``agent.freeze`` the runner also keeps the frozen parameters as they started
+(``FrozenRunner``) and each logging block reports ``frozen_param_drift``. ``check_inputs`` and
+``prepare`` are the driver's hooks for ``agent.init_from`` (``rlstop.agents.freeze``).
 """
 from __future__ import annotations
 
@@ -13,7 +17,9 @@ import flax
 import jax
 import jax.numpy as jnp
 
+from rlstop.agents import freeze
 from rlstop.agents.actor_critic import ActorCriticAgent, ActorCriticState, Rollout
+from rlstop.agents.freeze import check_inputs, prepare  # noqa: F401 - the driver's hooks
 from rlstop.errors import UserError
 from rlstop.train.common import EpisodeStats, Program, greedy_returns
 
@@ -27,6 +33,14 @@ class Runner:
     obs: jnp.ndarray
     stats: EpisodeStats
     key: jax.Array
+
+
+@flax.struct.dataclass
+class FrozenRunner(Runner):
+    """A runner that also keeps the frozen sub-trees' initial values (``frozen_param_drift``).
+    A subclass, so that runs without ``agent.freeze`` keep the state (and checkpoints) they had."""
+
+    frozen0: Any
 
 
 def make_program(cfg, env, varying: frozenset = frozenset()) -> Program:
@@ -48,7 +62,11 @@ def make_program(cfg, env, varying: frozenset = frozenset()) -> Program:
     def init(key, hp) -> Runner:
         k_agent, k_env, k_run = jax.random.split(key, 3)
         obs, env_state = jax.vmap(env.reset)(jax.random.split(k_env, num_envs))
-        return Runner(agent.init(k_agent, hp), env_state, obs, EpisodeStats.init(num_envs), k_run)
+        state = agent.init(k_agent, hp)
+        if a.freeze:
+            return FrozenRunner(state, env_state, obs, EpisodeStats.init(num_envs), k_run,
+                                freeze.select(state.params, a.freeze))
+        return Runner(state, env_state, obs, EpisodeStats.init(num_envs), k_run)
 
     def env_step(runner: Runner, xs):
         env_keys, noise = xs
@@ -75,10 +93,12 @@ def make_program(cfg, env, varying: frozenset = frozenset()) -> Program:
         out = {k: jnp.mean(v) for k, v in metrics.items() if k != "value_max_abs"}
         out["value_max_abs"] = jnp.max(metrics["value_max_abs"])
         out["episode_return"] = runner.stats.window_mean()
+        if a.freeze:
+            out.update(freeze.drift(runner.agent.params, runner.frozen0, a.freeze))
         return runner, out
 
     def evaluate(runner: Runner, key, hp):
         params = runner.agent.params
         return greedy_returns(env, lambda obs: agent.greedy(params, obs), key, t.eval_episodes)
 
-    return Program(init, block, evaluate, t.log_every, "value_max_abs", METRICS)
+    return Program(init, block, evaluate, t.log_every, "value_max_abs", METRICS + freeze.metric_names(a.freeze))
