@@ -98,7 +98,10 @@ def make_program(cfg, env, varying: frozenset = frozenset()) -> Program:
 
         def wait(agent_state):  # before learning_starts: no update, but the value estimates are real
             nan = jnp.full((), jnp.nan, jnp.float32)
-            return agent_state, {"loss": nan, "grad_norm": nan, **agent.q_stats(agent_state.params, batch.obs)}
+            out = {"loss": nan, "grad_norm": nan, **agent.q_stats(agent_state.params, batch.obs)}
+            # learn's dtypes (with train.x64 the env's float64 data makes some metrics float64).
+            like = jax.eval_shape(learn, agent_state)[1]
+            return agent_state, {k: v.astype(like[k].dtype) for k, v in out.items()}
 
         # CleanRL: updates start once more than learning_starts steps were taken.
         learning = steps_before >= a.learning_starts
