@@ -296,6 +296,7 @@ class DQNLoop:
             state, m = learner.agent, agent.q_stats(learner.agent.params, batch.obs)
         acc = {**acc, "q_mean": acc["q_mean"] + m["q_mean"], "iters": acc["iters"] + 1.0,
                "q_max_abs": jnp.maximum(acc["q_max_abs"], m["q_max_abs"])}
+        acc = jax.tree.map(lambda x, old: x.astype(old.dtype), acc, learner.acc)  # same types in as out (x64)
         return learner.replace(agent=state, buffer=buffer, key=key, acc=acc)
 
     # -- the host side --------------------------------------------------------------------------
@@ -316,8 +317,7 @@ class DQNLoop:
         out = {k: np.full(n_blocks, np.nan) for k in ("episode_return", "eval_return", "loss", "grad_norm",
                                                        "q_mean", "q_max_abs")}
         for b in range(n_blocks):
-            keys, eps = jax.device_get(self.schedule(learner.act_key, np.int32(b), hp))
-            eps = eps.tolist()
+            keys, eps = jax.device_get(self.schedule(learner.act_key, np.int32(b), hp))  # eps: float32 scalars
             ended: list = []
             for it in range(self.iters_per_block):
                 steps_before = b * cfg.train.log_every + it * self.steps_per_iter
@@ -444,6 +444,7 @@ class ActorCriticLoop:
         new = {k: (jnp.maximum(acc[k], jnp.max(v)) if k == "value_max_abs" else acc[k] + jnp.mean(v))
                for k, v in m.items()}
         new["_count"] = acc["_count"] + 1.0
+        new = jax.tree.map(lambda x, old: x.astype(old.dtype), new, learner.acc)  # same types in as out (x64)
         return learner.replace(agent=state, key=key, acc=new)
 
     # -- the host side --------------------------------------------------------------------------
