@@ -28,6 +28,8 @@ def run_cli(args, capsys):
     (["env.backend=jax"], "env.backend"),
     (["nonsense"], "key=value"),
     (["trian.seeds=2"], "section"),
+    (["env.id=Pendulum-v1"], "discrete action space"),
+    (["env.id=NoSuchEnv-v0", "env.backend=gymnasium"], "unknown env id"),
 ])
 def test_bad_overrides_give_one_error_line_and_write_nothing(tmp_path, capsys, args, expect):
     out_dir = tmp_path / "runs"

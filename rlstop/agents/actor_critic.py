@@ -450,7 +450,7 @@ class ActorCriticAgent:
         if "target_network" in self.varying:  # some runs of the batch use it: compute it for all
             v_target = target_values()
         else:  # the same for the whole batch: a real branch, skipped when the target network is off
-            v_target = jax.lax.cond(hp["target_network"], target_values, lambda: jnp.zeros((n, t)))
+            v_target = jax.lax.cond(hp["target_network"], target_values, lambda: jnp.zeros((n, t), v_old.dtype))
         aux = Aux(v_old, v_target, boot)
         per_mb = n // cfg.num_minibatches
 

@@ -48,6 +48,9 @@ def loop_hook(cfg, name: str):
 def check_inputs(cfg) -> None:
     """Bad input that only the env or other runs' files reveal (e.g. ``agent.init_from``), as a
     UserError, before anything is written."""
+    from rlstop.envs import check as check_env
+
+    check_env(cfg)  # an unknown env id, an action space the agent cannot take
     check = loop_hook(cfg, "check_inputs")
     if check is not None:
         check(cfg)
