@@ -268,18 +268,8 @@ def run_group(cfgs: list, progress=None, ckpt_dir: str | None = None) -> GroupRe
     for c in cfgs:
         sl = slice(offset, offset + c.train.seeds)
         offset += c.train.seeds
-        m = {k: v[sl] for k, v in metrics.items()}
         bounds.append(value_bound(c, env))
-        div, first, nf = detect_divergence(m[program.value_metric], steps, bounds[-1])
-        m["diverged"] = div.astype(np.int64)
-        frames = []
-        for j in range(c.train.seeds):
-            d = {"seed": np.full(n_logs, c.train.seed + j), "env_steps": steps}
-            d.update({k: v[j] for k, v in m.items()})
-            frames.append(pd.DataFrame(d))
-        df = pd.concat(frames, ignore_index=True)
-        cols = [c for c in ("seed", "env_steps", "episode_return", "eval_return") if c in df.columns]
-        df = df[cols + [k for k in df.columns if k not in cols]]
+        df, first, nf = run_table(c, {k: v[sl] for k, v in metrics.items()}, steps, program.value_metric, bounds[-1])
         out_metrics.append(df)
         div_steps.append(first)
         nonfin.append(nf)
@@ -289,6 +279,21 @@ def run_group(cfgs: list, progress=None, ckpt_dir: str | None = None) -> GroupRe
     return GroupResult(cfgs, out_metrics, div_steps, nonfin, wall_s, compile_s,
                        env_steps / max(run_s, 1e-9), 1, extras, program.value_metric, bounds,
                        final_runner, start_chunk * lay.steps_per_chunk)
+
+
+def run_table(cfg, m: dict, steps: np.ndarray, value_metric: str, bound: float):
+    """One run's metrics.csv table from its metrics ([seeds, points] each), with the divergence
+    check: (DataFrame, first diverged step per seed, non-finite per seed). Shared by every loop."""
+    div, first, nonfinite = detect_divergence(m[value_metric], steps, bound)
+    m = {**m, "diverged": div.astype(np.int64)}
+    frames = []
+    for j in range(cfg.train.seeds):
+        d = {"seed": np.full(len(steps), cfg.train.seed + j), "env_steps": steps}
+        d.update({k: v[j] for k, v in m.items()})
+        frames.append(pd.DataFrame(d))
+    df = pd.concat(frames, ignore_index=True)
+    lead = [c for c in ("seed", "env_steps", "episode_return", "eval_return") if c in df.columns]
+    return df[lead + [k for k in df.columns if k not in lead]], first, nonfinite
 
 
 def value_bound(cfg, env) -> float:

@@ -37,7 +37,6 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pandas as pd
 
 from rlstop.agents import replay
 from rlstop.agents.replay import Transition
@@ -47,7 +46,7 @@ from rlstop.errors import UserError
 
 def run_group(cfgs: list, progress: Callable | None = None):
     """Train every config in ``cfgs`` (one static signature) on the host loop -> ``GroupResult``."""
-    from rlstop.train.driver import GroupResult, detect_divergence, value_bound
+    from rlstop.train.driver import GroupResult, run_table, value_bound
 
     cfg0 = cfgs[0]
     if cfg0.train.x64:
@@ -96,16 +95,8 @@ def run_group(cfgs: list, progress: Callable | None = None):
         names = sorted(rows[0])  # the scan loop's order: its metrics come back as a sorted pytree
         m = {n: np.stack([r[n] for r in rows]) for n in names}  # [seeds, points]
         bounds.append(value_bound(c, env))
-        div, first, nf = detect_divergence(m[loop.value_metric], steps, bounds[-1])
-        m["diverged"] = div.astype(np.int64)
-        frames = []
-        for j in range(c.train.seeds):
-            d = {"seed": np.full(n_blocks, c.train.seed + j), "env_steps": steps}
-            d.update({n: v[j] for n, v in m.items()})
-            frames.append(pd.DataFrame(d))
-        df = pd.concat(frames, ignore_index=True)
-        lead = ["seed", "env_steps", "episode_return", "eval_return"]
-        out.append(df[lead + [n for n in df.columns if n not in lead]])
+        df, first, nf = run_table(c, m, steps, loop.value_metric, bounds[-1])
+        out.append(df)
         div_steps.append(first)
         nonfin.append(nf)
     return GroupResult(cfgs=cfgs, metrics=out, diverged_step=div_steps, nonfinite=nonfin,
