@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import glob
 import importlib
-import os
 
 from rlstop import config as config_lib
 
