@@ -39,6 +39,17 @@ CONFIGS = {
 }
 
 
+# --scale: env steps/s as the batch grows. The work per seed shrinks as seeds grow (about 4M
+# env steps in all, at least 2 logging points) so that 1024 seeds fit in minutes on 2 cores;
+# env steps/s is the figure, not the return.
+SCALE_SETS = {
+    "dqn": lambda n: [f"train.total_steps={max(4000, 4_000_000 // n // 2000 * 2000)}", "train.log_every=2000",
+                      "train.eval_every=0", "agent.learning_starts=1000", "train.eval_episodes=1"],
+    "ppo": lambda n: [f"train.total_steps={max(8192, 4_194_304 // n // 4096 * 4096)}", "train.log_every=4096",
+                      "train.eval_every=0", "train.eval_episodes=1"],
+}
+
+
 def child(algo: str, seeds: int, extra: list[str]) -> dict:
     """Measure rlstop in this process and return one JSON-able dict."""
     from rlstop import config as config_lib
@@ -98,7 +109,8 @@ def main() -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 16])
     p.add_argument("--peer-python", default=os.environ.get("REJAX_PYTHON", "/work/rejax-venv/bin/python"),
                    help="python of a venv with scripts/peers/rejax-requirements.txt installed ('' to skip)")
-    p.add_argument("--scale", action="store_true", help="rlstop only, seeds 1 16 256 1024")
+    p.add_argument("--scale", action="store_true",
+                   help="rlstop only, seeds 1 16 256 1024, shorter runs (about 4M env steps each)")
     p.add_argument("--json", default=None, help="also write all rows to this JSON file")
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     p.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)
@@ -117,7 +129,7 @@ def main() -> None:
     for algo in args.algos:
         for seeds in seeds_list:
             t = time.time()
-            ours = run_rlstop(algo, seeds, [])
+            ours = run_rlstop(algo, seeds, SCALE_SETS[algo](seeds) if args.scale else [])
             rows.append(ours)
             print(fmt_row(ours), f"  [{time.time() - t:.0f}s]", flush=True)
             if have_peer:
