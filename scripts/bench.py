@@ -42,11 +42,14 @@ CONFIGS = {
 # --scale: env steps/s as the batch grows. The work per seed shrinks as seeds grow (about 4M
 # env steps in all, at least 2 logging points) so that 1024 seeds fit in minutes on 2 cores;
 # env steps/s is the figure, not the return.
+def _scale(total: int, log_every: int, extra: list[str]) -> list[str]:
+    return [f"train.total_steps={total}", f"train.log_every={log_every}", f"train.eval_every={total}",
+            "train.eval_episodes=1", *extra]
+
+
 SCALE_SETS = {
-    "dqn": lambda n: [f"train.total_steps={max(4000, 4_000_000 // n // 2000 * 2000)}", "train.log_every=2000",
-                      "train.eval_every=0", "agent.learning_starts=1000", "train.eval_episodes=1"],
-    "ppo": lambda n: [f"train.total_steps={max(8192, 4_194_304 // n // 4096 * 4096)}", "train.log_every=4096",
-                      "train.eval_every=0", "train.eval_episodes=1"],
+    "dqn": lambda n: _scale(max(4000, 4_000_000 // n // 2000 * 2000), 2000, ["agent.learning_starts=1000"]),
+    "ppo": lambda n: _scale(max(8192, 4_194_304 // n // 4096 * 4096), 4096, []),
 }
 
 
