@@ -39,7 +39,7 @@ CONFIGS = {
 }
 
 
-# --scale: env steps/s as the batch grows. The work per seed shrinks as seeds grow (about 4M
+# --scale: env steps/s as the batch grows. The work per seed shrinks as seeds grow (about 1M
 # env steps in all, at least 2 logging points) so that 1024 seeds fit in minutes on 2 cores;
 # env steps/s is the figure, not the return.
 def _scale(total: int, log_every: int, extra: list[str]) -> list[str]:
@@ -48,8 +48,8 @@ def _scale(total: int, log_every: int, extra: list[str]) -> list[str]:
 
 
 SCALE_SETS = {
-    "dqn": lambda n: _scale(max(4000, 4_000_000 // n // 2000 * 2000), 2000, ["agent.learning_starts=1000"]),
-    "ppo": lambda n: _scale(max(8192, 4_194_304 // n // 4096 * 4096), 4096, []),
+    "dqn": lambda n: _scale(max(4000, 1_024_000 // n // 2000 * 2000), 2000, ["agent.learning_starts=1000"]),
+    "ppo": lambda n: _scale(max(8192, 1_048_576 // n // 4096 * 4096), 4096, []),
 }
 
 
@@ -113,7 +113,7 @@ def main() -> None:
     p.add_argument("--peer-python", default=os.environ.get("REJAX_PYTHON", "/work/rejax-venv/bin/python"),
                    help="python of a venv with scripts/peers/rejax-requirements.txt installed ('' to skip)")
     p.add_argument("--scale", action="store_true",
-                   help="rlstop only, seeds 1 16 256 1024, shorter runs (about 4M env steps each)")
+                   help="rlstop only, seeds 1 16 256 1024, shorter runs (about 1M env steps each)")
     p.add_argument("--json", default=None, help="also write all rows to this JSON file")
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     p.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)
