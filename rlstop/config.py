@@ -74,15 +74,6 @@ def agent_config_class(kind: str):
     return importlib.import_module(AGENT_MODULES[kind]).config_class(kind)
 
 
-def _leaf_keys(node: Any, prefix: str = "") -> list[str]:
-    if isinstance(node, (DictConfig, dict)):
-        out = []
-        for k in node.keys():
-            out += _leaf_keys(node[k] if isinstance(node, dict) else node._get_node(k), f"{prefix}{k}.")
-        return out or [prefix.rstrip(".")]
-    return [prefix.rstrip(".")]
-
-
 def _valid_keys(schema: DictConfig) -> list[str]:
     keys = []
     for section in ("name", "agent", "env", "train"):

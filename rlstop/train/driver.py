@@ -326,7 +326,3 @@ def detect_divergence(values: np.ndarray, steps: np.ndarray, bound: float):
     first = [int(steps[np.argmax(row)]) if row.any() else None for row in bad]
     nonfinite = bad_nonfinite.any(axis=1).tolist()
     return sticky, first, nonfinite
-
-
-def backend_of(cfg) -> str:
-    return resolve_backend(cfg.env)
