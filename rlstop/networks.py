@@ -14,6 +14,29 @@ import jax.numpy as jnp
 ACTIVATIONS: dict[str, Callable] = {"relu": nn.relu, "tanh": nn.tanh, "gelu": nn.gelu, "silu": nn.silu}
 
 
+@jax.custom_batching.custom_vmap
+def qr_one_at_a_time(a: jnp.ndarray):
+    """``jnp.linalg.qr(a)`` of one matrix; under ``vmap`` the matrices go one after another.
+
+    On CPU a batched QR is a LAPACK call that splits the batch over XLA's intra-op thread pool
+    and blocks a pool thread until its pieces are done. Two such calls running side by side (the
+    several kernels of a vmapped initialisation) can block every thread of a small pool, and the
+    computation then never finishes (seen on 2 cores with 256 seeds: a hang, no CPU use). A batch
+    of one runs inline, so mapping over the batch cannot deadlock; an initialisation is run once,
+    so the sequential loop costs little (~0.3 s for 1024 seeds x 6 kernels here).
+    """
+    q, r = jnp.linalg.qr(a)
+    return q, r
+
+
+@qr_one_at_a_time.def_vmap
+def _qr_vmap(axis_size, in_batched, a):
+    del axis_size
+    if not in_batched[0]:
+        return qr_one_at_a_time(a), (False, False)
+    return jax.lax.map(qr_one_at_a_time, a), (True, True)
+
+
 class MLP(nn.Module):
     """Dense layers with an activation after each; LayerNorm before the activation if asked.
 
@@ -183,7 +206,7 @@ class ActorCritic(nn.Module):
                 rows, cols = s.shape
                 a = noise[offset:offset + rows * cols].reshape(max(rows, cols), min(rows, cols))
                 offset += rows * cols
-                q, r = jnp.linalg.qr(a)
+                q, r = qr_one_at_a_time(a)
                 q = q * jnp.sign(jnp.diag(r))
                 q = q if rows >= cols else q.T
                 out.append(self.GAINS.get(path[-2].key, self.TORSO_GAIN) * q.astype(s.dtype))

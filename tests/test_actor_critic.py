@@ -275,6 +275,39 @@ def test_init_params_is_distributed_as_init(kw):
         np.testing.assert_allclose(gram(b), gram(a), atol=1e-5)
 
 
+def test_vmapped_qr_is_the_plain_qr_one_matrix_at_a_time():
+    from rlstop.networks import qr_one_at_a_time
+
+    a = jax.random.normal(jax.random.PRNGKey(1), (2, 3, 5, 4))
+    got = jax.vmap(jax.vmap(qr_one_at_a_time))(a)
+    want = jnp.linalg.qr(a)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+    jaxpr = str(jax.make_jaxpr(jax.vmap(qr_one_at_a_time))(a[0]))
+    assert "while" in jaxpr or "scan" in jaxpr  # a loop over the batch, not one batched call
+
+
+def test_many_seed_initialisation_does_not_hang():
+    """A vmapped orthogonal initialisation of 256 seeds: with one batched LAPACK QR per kernel
+    it deadlocked XLA's 2-thread CPU pool (every time here); it must finish."""
+    import subprocess
+    import sys
+
+    code = ("import jax, jax.numpy as jnp\n"
+            "from rlstop.networks import ActorCritic\n"
+            "net = ActorCritic(2, True, (64, 64))\n"
+            "f = jax.jit(jax.vmap(lambda k: net.init_params(k, jnp.zeros((1, 4)))))\n"
+            "keys = jax.random.split(jax.random.PRNGKey(0), 256)\n"
+            "for _ in range(5):\n"
+            "    jax.block_until_ready(f(keys))\n"
+            "print('done')\n")
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("a vmapped initialisation of 256 seeds hung")
+    assert out.returncode == 0 and "done" in out.stdout, out.stderr[-2000:]
+
+
 # ---------------------------------------------------------------------------------------------
 # Configs and the loop.
 
