@@ -166,6 +166,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             _parser().print_help()
             return 2
+        if args.command in ("train", "sweep", "ablate", "eval"):
+            from rlstop.train import compile_cache
+
+            compile_cache.enable()  # before anything compiles: JAX decides once per process
         return COMMANDS[args.command](args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -5,8 +5,8 @@ For each (algorithm, seeds) it runs, each in its own process (so peak memory is 
   * rlstop: the fully-jitted scan loop (`rlstop.train.driver.run_group`), all seeds vmapped;
   * the peer: rejax 0.1.3 through scripts/peers/rejax_peer.py, in the rejax virtual environment
     given by --peer-python (rejax needs gymnax<1; see scripts/peers/rejax-requirements.txt).
-It prints compile time, run time (compile excluded), env steps/s, peak memory (max RSS) and
-the ratios rlstop / peer.
+It prints compile time (cold, and again from the persistent compilation cache), run time
+(compile excluded), env steps/s, peak memory (max RSS) and the ratios rlstop / peer.
 
     python scripts/bench.py --peer-python /work/rejax-venv/bin/python
     python scripts/bench.py --algos dqn --seeds 1 16
@@ -26,6 +26,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -53,14 +54,16 @@ SCALE_SETS = {
 }
 
 
-def child(algo: str, seeds: int, extra: list[str]) -> dict:
+def child(algo: str, seeds: int, extra: list[str], compile_only: bool = False) -> dict:
     """Measure rlstop in this process and return one JSON-able dict."""
     from rlstop import config as config_lib
     from rlstop.train import driver
 
     path, overrides = CONFIGS[algo]
     cfg = config_lib.load_config(os.path.join(ROOT, path), overrides + [f"train.seeds={seeds}"] + extra)
-    res = driver.run_group([cfg])
+    res = driver.run_group([cfg], compile_only=compile_only)
+    if compile_only:
+        return {"compile_s": res.compile_s, "cache_hits": res.compile_cache_hits}
     df = res.metrics[0]
     last = df[df.env_steps == df.env_steps.max()]
     return {
@@ -73,11 +76,22 @@ def child(algo: str, seeds: int, extra: list[str]) -> dict:
 
 
 def run_rlstop(algo: str, seeds: int, extra: list[str]) -> dict:
-    cmd = [sys.executable, __file__, "--child", algo, str(seeds)] + [f"--set={e}" for e in extra]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    if out.returncode != 0:
-        raise SystemExit(f"rlstop {algo} x{seeds} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    """The measured run, with an empty compilation cache (a first run: compile from scratch, and
+    fill the cache); then a second process that compiles the same program again and finds it
+    in the cache (what every later run of the config pays): ``compile_cached_s``."""
+    with tempfile.TemporaryDirectory(prefix="rlstop-bench-cache-") as cache:
+        env = {**os.environ, "RLSTOP_COMPILATION_CACHE": cache}
+        out = {}
+        for mode in ("run", "compile"):
+            cmd = [sys.executable, __file__, "--child", algo, str(seeds)] + [f"--set={e}" for e in extra]
+            cmd += ["--compile-only"] if mode == "compile" else []
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+            if proc.returncode != 0:
+                raise SystemExit(f"rlstop {algo} x{seeds} failed:\n{proc.stderr[-3000:]}")
+            out[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+    d = out["run"]
+    d["compile_cached_s"] = out["compile"]["compile_s"] if out["compile"]["cache_hits"] else None
+    return d
 
 
 def run_peer(python: str, algo: str, seeds: int) -> dict | None:
@@ -99,11 +113,10 @@ def run_peer(python: str, algo: str, seeds: int) -> dict | None:
 def fmt_row(d: dict) -> str:
     ret = d.get("final_eval_return_mean")
     mem = d.get("peak_rss_mb")
-    return (f"| {d['who']} | {d['algo']} | {d['seeds']} | {d['compile_s']:.2f} | {d['run_s']:.2f} | "
-            f"{d['env_steps_per_s']:,.0f} | {mem:,.0f} | {ret if ret is None else round(ret, 1)} |"
-            if mem is not None else
-            f"| {d['who']} | {d['algo']} | {d['seeds']} | {d['compile_s']:.2f} | {d['run_s']:.2f} | "
-            f"{d['env_steps_per_s']:,.0f} | ? | {ret} |")
+    cached = d.get("compile_cached_s")
+    return (f"| {d['who']} | {d['algo']} | {d['seeds']} | {d['compile_s']:.2f} | "
+            f"{'-' if cached is None else f'{cached:.2f}'} | {d['run_s']:.2f} | {d['env_steps_per_s']:,.0f} | "
+            f"{'?' if mem is None else f'{mem:,.0f}'} | {ret if ret is None else round(ret, 1)} |")
 
 
 def main() -> None:
@@ -117,10 +130,11 @@ def main() -> None:
     p.add_argument("--json", default=None, help="also write all rows to this JSON file")
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     p.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)
+    p.add_argument("--compile-only", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
 
     if args.child:
-        print(json.dumps(child(args.child[0], int(args.child[1]), args.set)))
+        print(json.dumps(child(args.child[0], int(args.child[1]), args.set, args.compile_only)))
         return
 
     seeds_list = [1, 16, 256, 1024] if args.scale else args.seeds
@@ -142,8 +156,9 @@ def main() -> None:
                     print(fmt_row(peer), flush=True)
                     ratios.append((algo, seeds, ours["run_s"] / peer["run_s"], ours["compile_s"] / peer["compile_s"],
                                    (ours["peak_rss_mb"] or 0) / (peer["peak_rss_mb"] or 1)))
-    print("\n| who | algo | seeds | compile s | run s | env steps/s | peak RSS MB | final eval return |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    print("\n| who | algo | seeds | compile s | compile s, cached | run s | env steps/s | peak RSS MB "
+          "| final eval return |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(fmt_row(r))
     if ratios:

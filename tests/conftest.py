@@ -4,6 +4,10 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# Tests compile afresh and leave nothing in the user's cache folder (this process and the CLI
+# subprocesses it starts); test_cli checks the persistent compilation cache on its own folder.
+os.environ["RLSTOP_COMPILATION_CACHE"] = "off"
+
 
 @pytest.fixture(autouse=True)
 def _run_from_repo_root(monkeypatch):

@@ -62,6 +62,25 @@ def test_subprocess_exit_status_and_no_traceback(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+def test_persistent_compilation_cache_gives_the_same_run(tmp_path):
+    """A second process running the same config loads its executables from the cache folder
+    (summary.json counts them) and writes exactly the same metrics."""
+    env = {**os.environ, "RLSTOP_COMPILATION_CACHE": str(tmp_path / "cache")}
+    summaries, metrics = [], []
+    for name in ("a", "b"):
+        proc = subprocess.run([sys.executable, "-m", "rlstop", "train", "configs/dqn_cartpole.yaml", *TINY_DQN,
+                               f"name={name}", "--out", str(tmp_path / "runs"), "--quiet"],
+                              capture_output=True, text=True, env=env)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        run = tmp_path / "runs" / name
+        summaries.append(json.load(open(run / "summary.json")))
+        metrics.append((run / "metrics.csv").read_text())
+    assert summaries[0]["compile_cache_hits"] == 0
+    assert summaries[1]["compile_cache_hits"] >= 2  # init and the training chunk
+    assert metrics[0] == metrics[1]
+    assert os.listdir(tmp_path / "cache")
+
+
 def test_list(capsys):
     code, out, _ = run_cli(["list"], capsys)
     assert code == 0

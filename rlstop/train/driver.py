@@ -21,7 +21,7 @@ import pandas as pd
 
 from rlstop import config as config_lib
 from rlstop.envs import make_env, resolve_backend
-from rlstop.train import checkpoints, parallel
+from rlstop.train import checkpoints, compile_cache, parallel
 from rlstop.train.common import Program
 
 LOOPS = {"dqn": "rlstop.train.offpolicy", "a2c": "rlstop.train.onpolicy", "ppo": "rlstop.train.onpolicy",
@@ -131,6 +131,7 @@ class GroupResult:
     bounds: list = field(default_factory=list)   # per run: its soft-divergence bound
     runner: object = None        # the final state of the whole batch (agents, buffers, envs, keys)
     resumed_from: int = 0        # env steps restored from a checkpoint (0: a fresh start)
+    compile_cache_hits: int = 0  # executables loaded from the persistent compilation cache
 
 
 def batched(fn, batch: int, in_axes):
@@ -178,15 +179,17 @@ def compile_chunk(program: Program, lay: Layout, runner, hp, hp_axes, mesh=None)
                    ).lower(runner, hp, jnp.zeros((), jnp.int32)).compile()
 
 
-def run_group(cfgs: list, progress=None, ckpt_dir: str | None = None) -> GroupResult:
+def run_group(cfgs: list, progress=None, ckpt_dir: str | None = None, compile_only: bool = False) -> GroupResult:
     """Train every config in ``cfgs`` (all sharing one static signature) as one vmapped batch.
 
     ``progress(done_steps, total_steps)`` is called after each chunk. With ``ckpt_dir``, the
     whole batch state and the metrics so far are saved there every ``train.checkpoint_every``
     env steps, and a run restarted with the same configs continues from the last one: chunks are
     cut at the same places and the state carries every key, so the result is the same as an
-    uninterrupted run.
+    uninterrupted run. ``compile_only`` stops after compiling (benchmarks of compile time): the
+    result then has no metrics.
     """
+    compile_cache.enable()
     if resolve_backend(cfgs[0].env) == "gymnasium":  # envs stepped on the host: the same agents, jitted
         from rlstop.train import host
 
@@ -208,6 +211,7 @@ def run_group(cfgs: list, progress=None, ckpt_dir: str | None = None) -> GroupRe
     multihost = jax.process_count() > 1
 
     t0 = time.perf_counter()
+    hits0 = compile_cache.counts()["hits"]
     init_fn = batched(program.init, keys.shape[0], (0, hp_axes))
     if mesh is None:
         init = jax.jit(init_fn).lower(keys, hp).compile()
@@ -222,6 +226,9 @@ def run_group(cfgs: list, progress=None, ckpt_dir: str | None = None) -> GroupRe
         runner = prepare(runner, cfgs)
     chunk = compile_chunk(program, lay, runner, hp, hp_axes, mesh)
     compile_s = time.perf_counter() - t0
+    cache_hits = compile_cache.counts()["hits"] - hits0
+    if compile_only:
+        return GroupResult(cfgs, [], [], [], time.perf_counter() - t0, compile_s, 0.0, 1, compile_cache_hits=cache_hits)
 
     rows, evals, start_chunk = [], [], 0
     ckpt = checkpoints.GroupCheckpoint(ckpt_dir, cfgs) if ckpt_dir and not multihost else None
@@ -278,7 +285,7 @@ def run_group(cfgs: list, progress=None, ckpt_dir: str | None = None) -> GroupRe
     env_steps = (lay.num_chunks - start_chunk) * lay.steps_per_chunk * batch
     return GroupResult(cfgs, out_metrics, div_steps, nonfin, wall_s, compile_s,
                        env_steps / max(run_s, 1e-9), 1, extras, program.value_metric, bounds,
-                       final_runner, start_chunk * lay.steps_per_chunk)
+                       final_runner, start_chunk * lay.steps_per_chunk, cache_hits)
 
 
 def run_table(cfg, m: dict, steps: np.ndarray, value_metric: str, bound: float):

@@ -64,9 +64,13 @@ def run_group(cfgs: list, progress: Callable | None = None):
     if getattr(cfg0.agent, "init_from", None):
         raise UserError("agent.init_from is not supported by the gymnasium host loop yet; "
                         "start from scratch (agent.init_from=null) or use a gymnax env")
+    from rlstop.train import compile_cache
+
     t0 = time.perf_counter()
+    hits0 = compile_cache.counts()["hits"]
     loop = loops[cfg0.agent.kind](cfg0, env)
     compile_s = time.perf_counter() - t0
+    cache_hits = compile_cache.counts()["hits"] - hits0
 
     t = cfg0.train
     eval_every = t.eval_every or t.log_every
@@ -102,7 +106,8 @@ def run_group(cfgs: list, progress: Callable | None = None):
     return GroupResult(cfgs=cfgs, metrics=out, diverged_step=div_steps, nonfinite=nonfin,
                        wall_s=time.perf_counter() - t0, compile_s=compile_s,
                        env_steps_per_s=total * len(pairs) / max(run_s, 1e-9), compiles=loop.compiles,
-                       extras=[{} for _ in cfgs], value_metric=loop.value_metric, bounds=bounds)
+                       extras=[{} for _ in cfgs], value_metric=loop.value_metric, bounds=bounds,
+                       compile_cache_hits=cache_hits)
 
 
 # ---------------------------------------------------------------------------------------------

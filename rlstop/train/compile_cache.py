@@ -1,0 +1,62 @@
+"""JAX's persistent compilation cache, on by default.
+
+A run's compiled functions depend only on its static signature (shapes, the agent's static
+options, which hyper-parameters vary across the batch), so the second run of a config -- a rerun,
+another seed count's sibling in a sweep, the same ablation next day -- finds its executables on
+disk instead of compiling them again (about 5 s -> 0.3 s for CartPole DQN on 2 cores).
+
+Where: ``$RLSTOP_COMPILATION_CACHE`` if set (``off`` disables it), else ``$JAX_COMPILATION_CACHE_DIR``
+(JAX's own setting wins when given), else ``$XDG_CACHE_HOME/rlstop/jax`` (``~/.cache/rlstop/jax``).
+Entries are keyed by JAX on the program, the jax/jaxlib versions and the backend, so a stale
+entry is never used. The folder is not pruned (an entry is 0.1-1 MB); delete it at any time.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+from jax import monitoring
+
+ENV = "RLSTOP_COMPILATION_CACHE"
+OFF = {"off", "0", "false", "no", "none"}
+
+_state = {"dir": None, "configured": False, "hits": 0, "misses": 0}
+
+
+def _count(event: str, **_):
+    if event == "/jax/compilation_cache/cache_hits":
+        _state["hits"] += 1
+    elif event == "/jax/compilation_cache/cache_misses":
+        _state["misses"] += 1
+
+
+def default_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "rlstop", "jax")
+
+
+def enable() -> str | None:
+    """Turn the cache on for this process (idempotent) and return its folder, or None when it is
+    off or its folder cannot be created (a run then simply compiles)."""
+    if _state["configured"]:
+        return _state["dir"]
+    _state["configured"] = True
+    setting = os.environ.get(ENV)
+    if setting is not None and setting.strip().lower() in OFF:
+        return None
+    path = setting or jax.config.jax_compilation_cache_dir or default_dir()
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError:
+        return None
+    jax.config.update("jax_compilation_cache_dir", path)
+    # Small executables too (an init function compiles in well under JAX's default 1 s).
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
+    monitoring.register_event_listener(_count)
+    _state["dir"] = path
+    return path
+
+
+def counts() -> dict:
+    """Executables loaded from the cache and compiled afresh in this process so far."""
+    return {"hits": _state["hits"], "misses": _state["misses"]}
