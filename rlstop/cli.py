@@ -167,9 +167,9 @@ def main(argv: list[str] | None = None) -> int:
             _parser().print_help()
             return 2
         if args.command in ("train", "sweep", "ablate", "eval"):
-            from rlstop.train import compile_cache
+            from rlstop.train import runtime
 
-            compile_cache.enable()  # before anything compiles: JAX decides once per process
+            runtime.configure()  # before anything starts JAX's backend: it reads these once
         return COMMANDS[args.command](args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -21,7 +21,7 @@ import pandas as pd
 
 from rlstop import config as config_lib
 from rlstop.envs import make_env, resolve_backend
-from rlstop.train import checkpoints, compile_cache, parallel
+from rlstop.train import checkpoints, parallel, runtime
 from rlstop.train.common import Program
 
 LOOPS = {"dqn": "rlstop.train.offpolicy", "a2c": "rlstop.train.onpolicy", "ppo": "rlstop.train.onpolicy",
@@ -189,7 +189,7 @@ def run_group(cfgs: list, progress=None, ckpt_dir: str | None = None, compile_on
     uninterrupted run. ``compile_only`` stops after compiling (benchmarks of compile time): the
     result then has no metrics.
     """
-    compile_cache.enable()
+    runtime.configure()
     if resolve_backend(cfgs[0].env) == "gymnasium":  # envs stepped on the host: the same agents, jitted
         from rlstop.train import host
 
@@ -211,7 +211,7 @@ def run_group(cfgs: list, progress=None, ckpt_dir: str | None = None, compile_on
     multihost = jax.process_count() > 1
 
     t0 = time.perf_counter()
-    hits0 = compile_cache.counts()["hits"]
+    hits0 = runtime.counts()["hits"]
     init_fn = batched(program.init, keys.shape[0], (0, hp_axes))
     if mesh is None:
         init = jax.jit(init_fn).lower(keys, hp).compile()
@@ -226,7 +226,7 @@ def run_group(cfgs: list, progress=None, ckpt_dir: str | None = None, compile_on
         runner = prepare(runner, cfgs)
     chunk = compile_chunk(program, lay, runner, hp, hp_axes, mesh)
     compile_s = time.perf_counter() - t0
-    cache_hits = compile_cache.counts()["hits"] - hits0
+    cache_hits = runtime.counts()["hits"] - hits0
     if compile_only:
         return GroupResult(cfgs, [], [], [], time.perf_counter() - t0, compile_s, 0.0, 1, compile_cache_hits=cache_hits)
 
