@@ -93,6 +93,36 @@ def test_vector_step_keeps_final_obs_apart_from_reset_obs():
             assert not truncated.any() and len(ended) == 0
 
 
+def test_same_step_vector_env_matches_gymnasium_sync_vector_env():
+    """SameStepVectorEnv against gymnasium's SyncVectorEnv (SAME_STEP autoreset), 3 CartPole envs,
+    the same seeds and random actions for 1,500 steps (many episode ends): the same observations,
+    rewards, flags, final observations and episode statistics through ``step_vector``. (Truncation:
+    test_vector_step_keeps_final_obs_apart_from_reset_obs.)"""
+    import gymnasium as gym
+    from gymnasium.vector import AutoresetMode
+    from gymnasium.wrappers import RecordEpisodeStatistics
+
+    env = genv.GymnasiumEnv("CartPole-v1")
+    ours = env.make_vector(3)
+    ref = gym.vector.SyncVectorEnv([lambda: RecordEpisodeStatistics(env.make())] * 3,
+                                   autoreset_mode=AutoresetMode.SAME_STEP, copy=False)
+    assert isinstance(ours, gym.vector.VectorEnv)
+    assert ours.metadata["autoreset_mode"] == AutoresetMode.SAME_STEP
+    assert ours.observation_space == ref.observation_space and ours.action_space == ref.action_space
+    np.testing.assert_array_equal(ours.reset(seed=[5, 6, 7])[0], ref.reset(seed=[5, 6, 7])[0])
+    rng = np.random.default_rng(0)
+    n_ended = 0
+    for t in range(1500):
+        action = rng.integers(2, size=3)
+        a, b = genv.step_vector(ours, action), genv.step_vector(ref, action)
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+        n_ended += len(a[5])
+    assert n_ended > 50
+    ours.close()
+    ref.close()
+
+
 def _cfg(env_id, *extra):
     return config_lib.load_config("configs/dqn_cartpole.yaml", [
         *TINY_DQN, f"env.id={env_id}", "env.backend=gymnasium", *extra])

@@ -189,10 +189,22 @@ class DQN:
 
     def act_with_uniform(self, params, obs: jnp.ndarray, u: jnp.ndarray, epsilon) -> jnp.ndarray:
         """``act`` with the uniform draws given (a loop may draw a whole iteration's at once)."""
-        greedy = jnp.argmax(self.network.apply(params, obs), axis=-1)
+        explore, random = self.explore(u, epsilon)
+        greedy = self.greedy(params, obs)
+        return jnp.where(explore, random.astype(greedy.dtype), greedy)
+
+    def greedy(self, params, obs: jnp.ndarray) -> jnp.ndarray:
+        """argmax_a Q(obs, a) for a batch of observations [N, *obs_shape] -> [N]."""
+        return jnp.argmax(self.network.apply(params, obs), axis=-1)
+
+    def explore(self, u: jnp.ndarray, epsilon):
+        """The exploring half of epsilon-greedy from uniform draws u [N]: (explore [N] bool, random
+        action [N] int32). Explore where u < epsilon; floor(u / epsilon * A) is then uniform over
+        the A actions. It needs no parameters, so a host loop can skip the network entirely on a
+        step where every env explores."""
         scaled = jnp.where(epsilon > 0, u / jnp.maximum(epsilon, 1e-12), 0.0)
-        random = jnp.minimum((scaled * self.num_actions).astype(greedy.dtype), self.num_actions - 1)
-        return jnp.where(u < epsilon, random, greedy)
+        random = jnp.minimum((scaled * self.num_actions).astype(jnp.int32), self.num_actions - 1)
+        return u < epsilon, random
 
     def _td(self, q_tm1, q_t_value, q_t_selector, batch: Transition, hp):
         """TD errors of the (double) Q-learning target; the selector is Q(s', .) of whichever

@@ -6,11 +6,13 @@ same step) and calls the same agent functions as the scan loops, each compiled a
 per group (``jax.jit(...).lower(...).compile()``: a compiled call skips jit's dispatch checks,
 which on a small CPU cost as much as an env step):
 
-* DQN (``DQNLoop``): one ``DQN.act`` call per vector step; every ``train_every`` vector steps the
-  host hands the transitions over in one batch, and one call writes them to replay
+* DQN (``DQNLoop``): epsilon-greedy as ``DQN.act`` computes it, split in two: the exploring half
+  (``DQN.explore``: which envs explore and their random actions) of a whole logging block comes
+  from one call, and the network (``DQN.greedy``) is called once per vector step only where some
+  env does not explore (most steps early in training skip it). Every ``train_every`` vector
+  steps the host hands the transitions over in one batch, and one call writes them to replay
   (``replay.add``), samples (``replay.sample``) and updates (``DQN.update``, target sync by
-  ``sync_due``), as the off-policy scan loop's iteration does. Epsilons (``DQN.epsilon``) and
-  action keys of a whole logging block come from one call.
+  ``sync_due``), as the off-policy scan loop's iteration does.
 * A2C / PPO (``ActorCriticLoop``): one ``ActorCriticAgent.act`` call per vector step with the
   block's action noise drawn at once; one ``ActorCriticAgent.update`` call per rollout.
 
@@ -51,11 +53,6 @@ def run_group(cfgs: list, progress: Callable | None = None):
     cfg0 = cfgs[0]
     if cfg0.train.x64:
         jax.config.update("jax_enable_x64", True)
-    # The loop makes one small call per env step and waits for its result: run computations inline
-    # in this thread rather than handing each to the CPU client's dispatch thread, which halves a
-    # call's latency on a busy 2-core machine. Takes effect only where no computation ran before in
-    # this process (as under `rlstop train`); the scan loop's few large calls do not notice it.
-    jax.config.update("jax_cpu_enable_async_dispatch", False)
     env = genv.GymnasiumEnv(cfg0.env.id)
     loops = {"dqn": DQNLoop, "a2c": ActorCriticLoop, "ppo": ActorCriticLoop}
     if cfg0.agent.kind not in loops:
@@ -64,13 +61,13 @@ def run_group(cfgs: list, progress: Callable | None = None):
     if getattr(cfg0.agent, "init_from", None):
         raise UserError("agent.init_from is not supported by the gymnasium host loop yet; "
                         "start from scratch (agent.init_from=null) or use a gymnax env")
-    from rlstop.train import compile_cache
+    from rlstop.train import runtime
 
     t0 = time.perf_counter()
-    hits0 = compile_cache.counts()["hits"]
+    hits0 = runtime.counts()["hits"]
     loop = loops[cfg0.agent.kind](cfg0, env)
     compile_s = time.perf_counter() - t0
-    cache_hits = compile_cache.counts()["hits"] - hits0
+    cache_hits = runtime.counts()["hits"] - hits0
 
     t = cfg0.train
     eval_every = t.eval_every or t.log_every
@@ -192,6 +189,36 @@ def _abstract(tree):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree)
 
 
+class Packer:
+    """A pytree of small arrays as one flat array per dtype, and back.
+
+    Every argument and result of a compiled call costs the host a little (about 1.5 us per array
+    here); the DQN learner (parameters, target, optimizer state, keys, metric sums) is ~35 small
+    arrays and hyper-parameters another ~10, so the host loop hands them over packed, 2-3 arrays
+    each. Unpacking inside a compiled function is slicing, which XLA fuses into the consumers;
+    ``unpack`` also works on the host on fetched NumPy arrays.
+    """
+
+    def __init__(self, tree):
+        leaves, self.treedef = jax.tree.flatten(tree)
+        self.specs = [(jnp.dtype(x.dtype), tuple(x.shape)) if hasattr(x, "dtype") else
+                      (jnp.asarray(x).dtype, ()) for x in leaves]
+        self.dtypes = sorted({d for d, _ in self.specs}, key=str)
+
+    def pack(self, tree) -> tuple:
+        leaves = jax.tree.leaves(tree)
+        return tuple(jnp.concatenate([jnp.ravel(jnp.asarray(x, d)) for x, (d, _) in zip(leaves, self.specs)
+                                      if d == dt]) for dt in self.dtypes)
+
+    def unpack(self, flat: tuple):
+        offsets, out = [0] * len(self.dtypes), []
+        for d, shape in self.specs:
+            i, size = self.dtypes.index(d), int(np.prod(shape, dtype=np.int64))
+            out.append(flat[i][offsets[i]:offsets[i] + size].reshape(shape))
+            offsets[i] += size
+        return jax.tree.unflatten(self.treedef, out)
+
+
 # ---------------------------------------------------------------------------------------------
 # DQN
 
@@ -242,19 +269,25 @@ class DQNLoop:
         key = jax.random.PRNGKey(0)
         obs = np.zeros((n,) + env.obs_shape, env.obs_dtype)
         learner = jax.eval_shape(self._init, key, hp)
+        # The state between calls: (small, buffer). ``small`` packs the agent, keys and metric
+        # sums (Packer); the replay buffer stays as its own arrays, donated and written in place.
+        self.small = Packer((learner.agent, learner.key, learner.act_key, learner.acc))
+        self.hp = Packer(hp)
+        small = jax.eval_shape(self.small.pack, (learner.agent, learner.key, learner.act_key, learner.acc))
+        hp_flat = jax.eval_shape(self.hp.pack, hp)
         chunk = Transition(np.zeros((self.steps_per_iter,) + env.obs_shape, env.obs_dtype),
                            np.zeros(self.steps_per_iter, np.int32), np.zeros(self.steps_per_iter, np.float32),
                            np.zeros(self.steps_per_iter, bool),
                            np.zeros((self.steps_per_iter,) + env.obs_shape, env.obs_dtype))
-        self.init = _aot(self._init, key, hp)
-        self.schedule = _aot(self._schedule, learner.act_key, np.int32(0), hp)
-        self.act = _aot(agent.act, learner.agent.params, obs, key, np.float32(0))
+        self.init = _aot(self._init_packed, key, hp)
+        self.schedule = _aot(self._schedule, small, np.int32(0), hp_flat)
+        self.act = _aot(self._greedy, small, obs)
         # Whether learning has started is known on the host: two compiled functions, not a cond.
-        self.learn, self.fill = (_aot(functools.partial(self._learn, learning=on), learner, _abstract(chunk),
-                                      np.int32(0), True, hp, donate=(0,)) for on in (True, False))
+        self.learn, self.fill = (_aot(functools.partial(self._learn, learning=on), small, learner.buffer,
+                                      _abstract(chunk), np.int32(0), True, hp_flat, donate=(0, 1))
+                                 for on in (True, False))
         e = cfg.train.eval_episodes
-        self.greedy = _aot(agent.act, learner.agent.params, np.zeros((e,) + env.obs_shape, env.obs_dtype),
-                           key, np.float32(0))
+        self.greedy = _aot(self._greedy, small, np.zeros((e,) + env.obs_shape, env.obs_dtype))
 
     # -- the device side ------------------------------------------------------------------------
     def _init(self, key, hp) -> Learner:
@@ -265,19 +298,33 @@ class DQNLoop:
         return Learner(self.agent.init(k_agent, hp), replay.init(example, self.cfg.agent.buffer_size),
                        k_learn, k_act, _zero_acc())
 
-    def _schedule(self, act_key, block, hp):
-        """Keys and epsilons of every vector step of logging block ``block`` (epsilon at the
-        global step count, as the scan loop computes it)."""
-        v = self.vsteps_per_block
-        steps = block * self.cfg.train.log_every + jnp.arange(v) * self.num_envs
-        eps = self.agent.epsilon(steps, hp, self.cfg.train.total_steps).astype(jnp.float32)
-        return jax.random.split(jax.random.fold_in(act_key, block), v), eps
+    def _init_packed(self, key, hp):
+        learner = self._init(key, hp)
+        return self.small.pack((learner.agent, learner.key, learner.act_key, learner.acc)), learner.buffer
 
-    def _learn(self, learner: Learner, trans: Transition, steps_before, fresh, hp, *, learning: bool) -> Learner:
+    def _greedy(self, small, obs):
+        return self.agent.greedy(self.small.unpack(small)[0].params, obs)
+
+    def _schedule(self, small, block, hp_flat):
+        """The exploring half of epsilon-greedy for every vector step of logging block ``block``:
+        (explore [V, N], random actions [V, N]), from the uniform draws ``DQN.act`` makes with
+        the step's key (one key per vector step) and epsilon at the global step count, as the
+        scan loop computes it."""
+        v, n = self.vsteps_per_block, self.num_envs
+        act_key, hp = self.small.unpack(small)[2], self.hp.unpack(hp_flat)
+        steps = block * self.cfg.train.log_every + jnp.arange(v) * n
+        eps = self.agent.epsilon(steps, hp, self.cfg.train.total_steps).astype(jnp.float32)
+        keys = jax.random.split(jax.random.fold_in(act_key, block), v)
+        u = jax.vmap(lambda k: jax.random.uniform(k, (n,)))(keys)
+        return jax.vmap(self.agent.explore)(u, eps)
+
+    def _learn(self, small, buffer, trans: Transition, steps_before, fresh, hp_flat, *, learning: bool):
         """The scan loop's iteration after its env steps: replay write, sample, and an update once
         learning has started (CleanRL: after ``learning_starts`` env steps), else only the value
         estimates of the sample; metric sums of the block (restarted where ``fresh``)."""
-        a, agent = self.cfg.agent, self.agent
+        a, agent, hp = self.cfg.agent, self.agent, self.hp.unpack(hp_flat)
+        agent_state, key, act_key, acc0 = self.small.unpack(small)
+        learner = Learner(agent_state, buffer, key, act_key, acc0)
         key, k_sample = jax.random.split(learner.key)
         buffer = replay.add(learner.buffer, trans, steps_before)
         steps_after = steps_before + self.steps_per_iter
@@ -293,7 +340,7 @@ class DQNLoop:
         acc = {**acc, "q_mean": acc["q_mean"] + m["q_mean"], "iters": acc["iters"] + 1.0,
                "q_max_abs": jnp.maximum(acc["q_max_abs"], m["q_max_abs"])}
         acc = jax.tree.map(lambda x, old: x.astype(old.dtype), acc, learner.acc)  # same types in as out (x64)
-        return learner.replace(agent=state, buffer=buffer, key=key, acc=acc)
+        return self.small.pack((state, key, learner.act_key, acc)), buffer
 
     # -- the host side --------------------------------------------------------------------------
     def run(self, cfg, seed: int, n_blocks: int, blocks_per_eval: int, report: Callable) -> tuple[dict, Learner]:
@@ -302,7 +349,8 @@ class DQNLoop:
 
         env, n, t_every = self.env, self.num_envs, cfg.agent.train_every
         hp = hparams(cfg.agent)
-        learner = self.init(jax.random.PRNGKey(seed), hp)
+        small, buffer = self.init(jax.random.PRNGKey(seed), hp)
+        hp_flat = jax.device_put(self.hp.pack(hp))
         envs = env.make_vector(n)
         eval_envs = [env.make() for _ in range(cfg.train.eval_episodes)]
         observe = Observer(env, cfg.env.normalize_obs)
@@ -313,7 +361,8 @@ class DQNLoop:
         out = {k: np.full(n_blocks, np.nan) for k in ("episode_return", "eval_return", "loss", "grad_norm",
                                                        "q_mean", "q_max_abs")}
         for b in range(n_blocks):
-            keys, eps = jax.device_get(self.schedule(learner.act_key, np.int32(b), hp))  # eps: float32 scalars
+            explore, random = jax.device_get(self.schedule(small, np.int32(b), hp_flat))
+            every = explore.all(axis=1)
             ended: list = []
             for it in range(self.iters_per_block):
                 steps_before = b * cfg.train.log_every + it * self.steps_per_iter
@@ -322,11 +371,16 @@ class DQNLoop:
                 acts = np.empty((t_every, n), np.int32)
                 rew = np.empty((t_every, n), np.float32)
                 term = np.empty((t_every, n), bool)
-                params = learner.agent.params
                 v0 = it * t_every
                 for j in range(t_every):
                     o[j] = obs
-                    action = np.asarray(act(params, obs, keys[v0 + j], eps[v0 + j]))
+                    v = v0 + j
+                    if every[v]:  # every env explores: no network call
+                        action = random[v]
+                    else:
+                        action = np.asarray(act(small, obs))
+                        if n > 1:
+                            action = np.where(explore[v], random[v], action)
                     obs, next_obs, r, te, _, done = step(envs, to_env(action))
                     obs, next_obs = observe.train(obs, next_obs)
                     acts[j], rew[j], term[j], nxt[j] = action, r, te, next_obs
@@ -335,23 +389,23 @@ class DQNLoop:
                 trans = Transition(o.reshape((-1,) + shape), acts.reshape(-1), rew.reshape(-1), term.reshape(-1),
                                    nxt.reshape((-1,) + shape))
                 step_fn = learn if steps_before >= cfg.agent.learning_starts else fill
-                learner = step_fn(learner, trans, np.int32(steps_before), it == 0, hp)
-            acc = jax.device_get(learner.acc)
+                small, buffer = step_fn(small, buffer, trans, np.int32(steps_before), it == 0, hp_flat)
+            acc = self.small.unpack(jax.device_get(small))[3]
             out["episode_return"][b] = _window_mean(ended)
             out["loss"][b] = acc["loss"] / acc["learned"] if acc["learned"] else np.nan
             out["grad_norm"][b] = acc["grad_norm"] / acc["learned"] if acc["learned"] else np.nan
             out["q_mean"][b] = acc["q_mean"] / acc["iters"]
             out["q_max_abs"][b] = acc["q_max_abs"]
             if (b + 1) % blocks_per_eval == 0:
-                params, key = learner.agent.params, jax.random.PRNGKey(0)
-                policy = lambda x: self.greedy(params, x, key, np.float32(0.0))  # noqa: E731 - epsilon 0: greedy
+                policy = lambda x, small=small: self.greedy(small, x)  # noqa: E731
                 out["eval_return"][b] = greedy_return(env, eval_envs, policy, observe,
                                                       eval_seeds(seed, b // blocks_per_eval, len(eval_envs)))
             report((b + 1) * cfg.train.log_every)
         envs.close()
         for e in eval_envs:
             e.close()
-        return out, learner
+        agent_state, key, act_key, acc = self.small.unpack(small)
+        return out, Learner(agent_state, buffer, key, act_key, acc)
 
 
 @flax.struct.dataclass

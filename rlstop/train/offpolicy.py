@@ -125,8 +125,7 @@ def make_program(cfg, env, varying: frozenset = frozenset()) -> Program:
 
     def evaluate(runner: Runner, key, hp):
         params = runner.agent.params
-        policy = lambda obs: jnp.argmax(agent.network.apply(params, obs), axis=-1)  # noqa: E731
-        return greedy_returns(env, policy, key, t.eval_episodes)
+        return greedy_returns(env, lambda obs: agent.greedy(params, obs), key, t.eval_episodes)
 
     return Program(init, block, evaluate, t.log_every, "q_max_abs", METRICS + freeze.metric_names(a.freeze),
                    timed=True)
@@ -136,4 +135,4 @@ def greedy_policy(cfg, env, runner):
     """obs [N, ...] -> greedy actions, for rendering one seed's policy outside the loop."""
     agent = DQN(cfg.agent, env.obs_shape, env.num_actions)
     params = runner.agent.params
-    return lambda obs: jnp.argmax(agent.network.apply(params, obs), axis=-1)
+    return lambda obs: agent.greedy(params, obs)
