@@ -253,14 +253,17 @@ class DQN:
         dL/dθ = ∂L/∂θ through Q(s, a) + (∂Q(s', .)/∂θ)ᵀ ∂L/∂Q(s', .). The second term is
         non-zero only with the target network off (else Q(s', .) does not depend on θ) and the
         target not detached (else ∂L/∂Q(s', .) is exactly zero: the losses' stop_gradient
-        switch). It is a vector-Jacobian product of one forward pass, computed under a
-        ``lax.cond`` when the switches are shared by the batch.
+        switch). It is the vector-Jacobian product of the forward pass that gives Q(s', .), computed
+        under a ``lax.cond`` when the switches are shared by the batch.
 
         With ``freeze_mode: stop_gradient`` both parts read the frozen sub-trees through a
         stop-gradient, so their gradient is exactly zero.
         """
         bootstrap = self._bootstrap_params(params, target_params, hp)
-        q_t_value = self.network.apply(jax.lax.stop_gradient(bootstrap), batch.next_obs)
+        # One forward pass through Q(s', .) gives the bootstrap values and, linearised, the VJP of
+        # the part through the target (needed only where bootstrap = params: target network off).
+        q_t_value, vjp_next = jax.vjp(
+            lambda p: self.network.apply(freeze.detach(p, self.detached), batch.next_obs), bootstrap)
         selector = self._selector(params, q_t_value, batch, hp)
 
         def direct(p, q_next):
@@ -272,8 +275,7 @@ class DQN:
             params, q_t_value)
 
         def through_target():
-            _, vjp = jax.vjp(lambda p: self.network.apply(freeze.detach(p, self.detached), batch.next_obs), params)
-            return vjp(ct_next)[0]
+            return vjp_next(ct_next)[0]
 
         def nothing():
             return jax.tree.map(jnp.zeros_like, params)
