@@ -20,6 +20,10 @@ def load(run_dir: str):
         raise UserError(f"{run_dir!r} is not a run folder (no config.yaml); give a folder written by `rlstop train`")
     data = config_lib._read_yaml(os.path.join(run_dir, "config.yaml"))
     cfg = config_lib.build_config(data, source=os.path.join(run_dir, "config.yaml"))
+    if driver.resolve_backend(cfg.env) == "gymnasium":
+        raise UserError(f"{run_dir} trained on the gymnasium backend, whose host loop keeps no final checkpoint "
+                        "yet; `rlstop eval` reads runs of gymnax envs and finite MDPs (its metrics.csv has "
+                        "eval_return)")
     if cfg.train.x64:
         jax.config.update("jax_enable_x64", True)
     env = driver.make_env(cfg.env)

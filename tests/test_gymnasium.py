@@ -206,6 +206,11 @@ def test_host_loop_writes_the_scan_loops_metrics(tmp_path, capsys):
     assert list(hosted.columns) == list(scan.columns)
     pd.testing.assert_frame_equal(hosted[["seed", "env_steps"]], scan[["seed", "env_steps"]])
     assert hosted["eval_return"].notna().all() and hosted["q_max_abs"].notna().all()
+    capsys.readouterr()
+    # `rlstop eval` of a host-loop run: one line saying why not (it keeps no final checkpoint).
+    assert main(["eval", str(tmp_path / "gymnasium" / "dqn_cartpole")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "gymnasium backend" in err
 
 
 def test_actor_critic_host_loop_with_box_actions(tmp_path, capsys):
