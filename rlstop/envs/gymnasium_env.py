@@ -30,7 +30,12 @@ import difflib
 import importlib
 from typing import NamedTuple
 
+import gymnasium as gym
 import numpy as np
+from gymnasium.envs.registration import EnvSpec
+from gymnasium.vector import AutoresetMode
+from gymnasium.vector.utils import batch_space
+from gymnasium.wrappers import RecordEpisodeStatistics
 
 from rlstop.errors import UserError
 
@@ -63,9 +68,6 @@ def _import(module: str, env_id: str):
 
 def resolve_spec(env_id: str):
     """The gymnasium ``EnvSpec`` of an ``env.id``: a registered id or ``module.path:Name``."""
-    import gymnasium as gym
-    from gymnasium.envs.registration import EnvSpec
-
     if not isinstance(env_id, str) or not env_id.strip():
         raise UserError(f"env.id={env_id!r} must be a gymnasium id such as CartPole-v1 or module.path:EnvName-v0")
     name = env_id
@@ -91,8 +93,6 @@ def resolve_spec(env_id: str):
 
 
 def _ids_from(module: str) -> list[str]:
-    import gymnasium as gym
-
     return [k for k, s in gym.registry.items()
             if isinstance(s.entry_point, str) and s.entry_point.startswith(module)]
 
@@ -113,8 +113,6 @@ class GymnasiumEnv:
     backend = "gymnasium"
 
     def __init__(self, env_id: str):
-        import gymnasium as gym
-
         self.id = env_id
         self.spec = resolve_spec(env_id)
         self.atari = is_atari(self.spec)
@@ -146,8 +144,6 @@ class GymnasiumEnv:
 
     def make(self, **kwargs):
         """One environment with the standard wrappers (time limit from its spec; Atari preprocessing)."""
-        import gymnasium as gym
-
         try:
             if self.atari:
                 from gymnasium.wrappers import AtariPreprocessing, FrameStackObservation
@@ -171,8 +167,6 @@ class GymnasiumEnv:
     def make_vector(self, num_envs: int) -> "SameStepVectorEnv":
         """``num_envs`` sub-environments stepped in this process, autoresetting in the same step,
         with episode statistics in ``info["final_info"]["episode"]``."""
-        from gymnasium.wrappers import RecordEpisodeStatistics
-
         # Statistics per sub-env: gymnasium 1.3's vector RecordEpisodeStatistics assumes next-step
         # autoreset and drops the first reward of every episode after the first under SAME_STEP
         # (fixed upstream later: Farama-Foundation/Gymnasium#1624). The sub-env's own wrapper is
@@ -186,13 +180,7 @@ class GymnasiumEnv:
         return action
 
 
-def _vector_env_base():
-    import gymnasium as gym
-
-    return gym.vector.VectorEnv
-
-
-class SameStepVectorEnv(_vector_env_base()):
+class SameStepVectorEnv(gym.vector.VectorEnv):
     """Sub-envs stepped one after another in this process, autoresetting in the same step.
 
     The results of ``gymnasium.vector.SyncVectorEnv(env_fns, autoreset_mode=SAME_STEP, copy=False)``:
@@ -204,9 +192,6 @@ class SameStepVectorEnv(_vector_env_base()):
     """
 
     def __init__(self, env_fns):
-        from gymnasium.vector import AutoresetMode
-        from gymnasium.vector.utils import batch_space
-
         self.envs = [fn() for fn in env_fns]
         self.num_envs = len(self.envs)
         first = self.envs[0]
