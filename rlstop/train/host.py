@@ -1,8 +1,8 @@
 """The host loop: gymnasium vector envs stepped in Python, the agents' own jitted functions for the rest.
 
 Where the env is not JAX-native it cannot live inside ``lax.scan``; everything else still can.
-The loop steps a ``gymnasium.vector.SyncVectorEnv`` (``env.num_envs`` sub-envs, autoreset in the
-same step) and calls the same agent functions as the scan loops, each compiled ahead of time once
+The loop steps a ``gymnasium_env.SameStepVectorEnv`` (``env.num_envs`` sub-envs, autoreset in the
+same step, as gymnasium's SyncVectorEnv with SAME_STEP) and calls the same agent functions as the scan loops, each compiled ahead of time once
 per group (``jax.jit(...).lower(...).compile()``: a compiled call skips jit's dispatch checks,
 which on a small CPU cost as much as an env step):
 
@@ -169,6 +169,25 @@ def greedy_return(env: genv.GymnasiumEnv, envs: list, policy: Callable, observe:
             ret[i] += r
             alive[i] = not (terminated or truncated)
     return float(ret.mean())
+
+
+def open_envs(env: genv.GymnasiumEnv, cfg, seed: int):
+    """One seed's envs: the training vector env (sub-env i seeded ``seed * num_envs + i``), the
+    ``train.eval_episodes`` evaluation envs, the observer, and the first observations as the
+    agent sees them."""
+    n = cfg.env.num_envs
+    envs = env.make_vector(n)
+    eval_envs = [env.make() for _ in range(cfg.train.eval_episodes)]
+    observe = Observer(env, cfg.env.normalize_obs)
+    obs, _ = envs.reset(seed=[seed * n + i for i in range(n)])
+    obs, _ = observe.train(obs, obs)
+    return envs, eval_envs, observe, obs
+
+
+def close_envs(envs, eval_envs: list) -> None:
+    envs.close()
+    for e in eval_envs:
+        e.close()
 
 
 def eval_seeds(seed: int, index: int, n: int) -> list[int]:
@@ -351,11 +370,7 @@ class DQNLoop:
         hp = hparams(cfg.agent)
         small, buffer = self.init(jax.random.PRNGKey(seed), hp)
         hp_flat = jax.device_put(self.hp.pack(hp))
-        envs = env.make_vector(n)
-        eval_envs = [env.make() for _ in range(cfg.train.eval_episodes)]
-        observe = Observer(env, cfg.env.normalize_obs)
-        obs, _ = envs.reset(seed=[seed * n + i for i in range(n)])
-        obs, _ = observe.train(obs, obs)
+        envs, eval_envs, observe, obs = open_envs(env, cfg, seed)
         shape, dtype = env.obs_shape, env.obs_dtype
         act, learn, fill, to_env, step = self.act, self.learn, self.fill, env.to_env_action, genv.step_vector
         out = {k: np.full(n_blocks, np.nan) for k in ("episode_return", "eval_return", "loss", "grad_norm",
@@ -401,9 +416,7 @@ class DQNLoop:
                 out["eval_return"][b] = greedy_return(env, eval_envs, policy, observe,
                                                       eval_seeds(seed, b // blocks_per_eval, len(eval_envs)))
             report((b + 1) * cfg.train.log_every)
-        envs.close()
-        for e in eval_envs:
-            e.close()
+        close_envs(envs, eval_envs)
         agent_state, key, act_key, acc = self.small.unpack(small)
         return out, Learner(agent_state, buffer, key, act_key, acc)
 
@@ -505,11 +518,7 @@ class ActorCriticLoop:
         env, n, t_steps = self.env, self.num_envs, cfg.agent.num_steps
         hp = hparams(cfg.agent)
         learner = self.init(jax.random.PRNGKey(seed), hp)
-        envs = env.make_vector(n)
-        eval_envs = [env.make() for _ in range(cfg.train.eval_episodes)]
-        observe = Observer(env, cfg.env.normalize_obs)
-        obs, _ = envs.reset(seed=[seed * n + i for i in range(n)])
-        obs, _ = observe.train(obs, obs)
+        envs, eval_envs, observe, obs = open_envs(env, cfg, seed)
         shape, dtype = env.obs_shape, env.obs_dtype
         action_spec, env_action_spec = self.action_spec
         act, learn, to_env, step = self.act, self.learn, env.to_env_action, genv.step_vector
@@ -546,7 +555,5 @@ class ActorCriticLoop:
                 out["eval_return"][b] = greedy_return(env, eval_envs, lambda x: self.greedy(params, x), observe,
                                                       eval_seeds(seed, b // blocks_per_eval, len(eval_envs)))
             report((b + 1) * cfg.train.log_every)
-        envs.close()
-        for e in eval_envs:
-            e.close()
+        close_envs(envs, eval_envs)
         return out, learner
