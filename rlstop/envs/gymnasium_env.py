@@ -208,9 +208,9 @@ class SameStepVectorEnv(gym.vector.VectorEnv):
         self._truncations = np.zeros(self.num_envs, np.bool_)
 
     def reset(self, *, seed=None, options=None):
-        seeds = [None if seed is None else seed + i for i in range(self.num_envs)] \
-            if seed is None or isinstance(seed, int) else list(seed)
-        for i, (env, s) in enumerate(zip(self.envs, seeds)):
+        if seed is None or isinstance(seed, int):  # as SyncVectorEnv: seed + i for sub-env i
+            seed = [None if seed is None else seed + i for i in range(self.num_envs)]
+        for i, (env, s) in enumerate(zip(self.envs, seed)):
             self._obs[i] = env.reset(seed=s, options=options)[0]
         return self._obs, {}
 

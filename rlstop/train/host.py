@@ -44,6 +44,7 @@ from rlstop.agents import replay
 from rlstop.agents.replay import Transition
 from rlstop.envs import gymnasium_env as genv
 from rlstop.errors import UserError
+from rlstop.train import runtime
 
 
 def run_group(cfgs: list, progress: Callable | None = None):
@@ -61,8 +62,6 @@ def run_group(cfgs: list, progress: Callable | None = None):
     if getattr(cfg0.agent, "init_from", None):
         raise UserError("agent.init_from is not supported by the gymnasium host loop yet; "
                         "start from scratch (agent.init_from=null) or use a gymnax env")
-    from rlstop.train import runtime
-
     t0 = time.perf_counter()
     hits0 = runtime.counts()["hits"]
     loop = loops[cfg0.agent.kind](cfg0, env)
