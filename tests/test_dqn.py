@@ -113,6 +113,41 @@ def test_update_gradient_equals_autodiff_of_the_loss(setup, varying):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=f"sg={sg} tn={tn} dq={dq}")
 
 
+@pytest.mark.parametrize("chunk", [None, 1, 3, 6])
+def test_vmapped_gradient_with_varying_switches_equals_each_rows_autodiff(setup, chunk, monkeypatch):
+    """Under vmap with the switches varying across rows, the residual part goes through
+    ``masked_vjp``'s chunked map (chunks that straddle rows of different runs included): every row
+    equals jax.grad of its own loss, and rows that do not need it get exactly the semi-gradient."""
+    from rlstop.agents import dqn as dqn_module
+
+    cfg, _, state, target, batch = setup
+    agent = DQN(cfg, (OBS,), ACTIONS, frozenset({"stop_gradient_target", "target_network"}))
+    if chunk is not None:
+        monkeypatch.setattr(dqn_module, "_cpu_chunk", lambda n: chunk)
+    combos = [(True, True), (False, True), (True, False), (False, False), (False, False), (True, False)]
+    hps = [hp_with(cfg, stop_gradient_target=sg, target_network=tn) for sg, tn in combos]
+    hp = jax.tree.map(lambda *v: jnp.stack(v), *hps)
+    n = len(combos)
+    params = jax.tree.map(lambda x: jnp.stack([x * (1 + 0.1 * i) for i in range(n)]), state.params)
+    batched = jax.vmap(lambda p, h: agent.gradients(p, target, batch, h)[1])(params, hp)
+    for i, (sg, tn) in enumerate(combos):
+        p_i = jax.tree.map(lambda x: x[i], params)
+        expected = jax.grad(lambda p: agent.loss(p, target, batch, hps[i])[0])(p_i)
+        semi_hp = hp_with(cfg, stop_gradient_target=True, target_network=tn)
+        semi = jax.grad(lambda p: agent.loss(p, target, batch, semi_hp)[0])(p_i)
+        for a, b, c in zip(jax.tree.leaves(batched), jax.tree.leaves(expected), jax.tree.leaves(semi)):
+            np.testing.assert_allclose(a[i], b, rtol=1e-5, atol=1e-6, err_msg=f"row {i}: sg={sg} tn={tn}")
+            if sg or tn:
+                np.testing.assert_allclose(a[i], c, rtol=1e-5, atol=1e-6)
+    # The residual part itself: exactly zero on rows that do not need it, non-zero on the others.
+    needs = jnp.array([not sg and not tn for sg, tn in combos])
+    ct = jnp.ones((n, B, ACTIONS))
+    resid = jax.vmap(agent._residual, in_axes=(0, 0, None, 0))(needs, params, batch.next_obs, ct)
+    for i in range(n):
+        norm = _norm(jax.tree.map(lambda x: x[i], resid))
+        assert (norm > 0.0) if needs[i] else (norm == 0.0), f"row {i}"
+
+
 def test_double_q_selector_gets_no_gradient(setup):
     cfg, agent, state, target, batch = setup
     # Double Q with a target network: s' enters through the target (value) and the online

@@ -142,6 +142,51 @@ def switch(varying: bool, pred, true_fn, false_fn):
     return jax.lax.cond(pred, true_fn, false_fn)
 
 
+def masked_vjp(fn, needs, x, aux, ct, chunk: int | None = None):
+    """``needs ? vjp(fn(., aux), x)(ct) : 0``: the cotangent of ``x`` through ``fn``, or exact zeros.
+
+    Unbatched, a ``lax.cond`` runs only the branch taken. Under ``vmap`` with ``needs`` varying
+    across the batch, a select would compute the VJP for every row; instead the rows go through
+    a ``lax.map`` in chunks of ``chunk`` rows, and a chunk where no row needs the VJP skips it (a
+    real cond). A sweep lays out its rows run by run, so the rows that need it are contiguous and
+    most chunks skip. The default chunk is a few rows on CPU, where the loop costs little, and the
+    whole batch on an accelerator, where each loop step has a fixed cost and batches are cheap.
+    """
+    def vjp(x, aux, ct):
+        return jax.vjp(lambda v: fn(v, aux), x)[1](ct)[0]
+
+    @jax.custom_batching.custom_vmap
+    def one(needs, x, aux, ct):
+        return jax.lax.cond(needs, lambda: vjp(x, aux, ct), lambda: jax.tree.map(jnp.zeros_like, x))
+
+    @one.def_vmap
+    def batched(axis_size, in_batched, needs, x, aux, ct):
+        needs, x, aux, ct = jax.tree.map(
+            lambda v, b: v if b else jnp.broadcast_to(v, (axis_size,) + jnp.shape(v)),
+            (needs, x, aux, ct), tuple(in_batched))
+        size = chunk or (_cpu_chunk(axis_size) if jax.default_backend() == "cpu" else axis_size)
+
+        def rows(needs, x, aux, ct):
+            def compute():
+                g = jax.vmap(vjp)(x, aux, ct)
+                return jax.tree.map(lambda v: jnp.where(needs.reshape((-1,) + (1,) * (v.ndim - 1)), v, 0.0), g)
+
+            return jax.lax.cond(jnp.any(needs), compute, lambda: jax.tree.map(jnp.zeros_like, x))
+
+        chunks = jax.tree.map(lambda v: v.reshape((axis_size // size, size) + v.shape[1:]), (needs, x, aux, ct))
+        out = jax.lax.map(lambda c: rows(*c), chunks)
+        out = jax.tree.map(lambda v: v.reshape((axis_size,) + v.shape[2:]), out)
+        return out, jax.tree.map(lambda _: True, out)
+
+    return one(needs, x, aux, ct)
+
+
+def _cpu_chunk(n: int, target: int = 4) -> int:
+    """Chunks of about ``target`` rows that tile a batch of n exactly: the smallest divisor of n
+    that is at least ``target`` (n itself when there is none)."""
+    return next(d for d in range(min(target, n), n + 1) if n % d == 0)
+
+
 class DQN:
     """Static pieces (network shapes, batch size) live on the object; values come in ``hp``.
 
@@ -274,19 +319,19 @@ class DQN:
         (loss, metrics), (g_direct, ct_next) = jax.value_and_grad(direct, argnums=(0, 1), has_aux=True)(
             params, q_t_value)
 
-        def through_target():
-            return vjp_next(ct_next)[0]
-
-        def nothing():
-            return jax.tree.map(jnp.zeros_like, params)
-
         needs = jnp.logical_not(hp["stop_gradient_target"]) & jnp.logical_not(hp["target_network"])
         if {"stop_gradient_target", "target_network"} & self.varying:
-            g_target = jax.tree.map(lambda g: jnp.where(needs, g, 0.0), through_target())
+            g_target = self._residual(needs, params, batch.next_obs, ct_next)
         else:
-            g_target = jax.lax.cond(needs, through_target, nothing)
+            g_target = jax.lax.cond(needs, lambda: vjp_next(ct_next)[0], lambda: jax.tree.map(jnp.zeros_like, params))
         grads = jax.tree.map(jnp.add, g_direct, g_target)
         return (loss, metrics), grads
+
+    def _residual(self, needs, params, next_obs, ct_next):
+        """(∂Q(s', .)/∂θ)ᵀ ct_next where ``needs``, exactly zero elsewhere, for switches that vary
+        across the batch: ``masked_vjp`` computes it only for the chunks of rows that need it."""
+        return masked_vjp(lambda p, o: self.network.apply(freeze.detach(p, self.detached), o),
+                          needs, params, next_obs, ct_next)
 
     def update(self, state: DQNState, batch: Transition, hp, sync) -> tuple[DQNState, dict]:
         """One gradient step, then (if ``sync``) a target step of size target_tau (1 = hard copy).
