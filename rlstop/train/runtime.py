@@ -8,7 +8,17 @@
    anyway, so it does not notice. JAX reads this when its CPU backend starts, so it must be set
    before the first computation (or anything that starts the backend, e.g. ``jax.devices()``).
 
-2. JAX's persistent compilation cache, on by default.
+2. Fewer garbage collections. Tracing and lowering a program allocate millions
+   of short-lived Python objects, and CPython's default thresholds then run a collection every
+   700 allocations, each young one cheap but every tenth or hundredth walking the older objects
+   too -- by then the whole of jax, flax and optax. ``gc.freeze()`` puts everything that exists
+   (the imported libraries) out of the collector's reach for good, and a young generation of
+   50,000 objects makes collections rarer. Measured on CartPole DQN, 2 cores: the first compile
+   ~0.6 s faster (4.2-4.6 s instead of 4.7-5.2 s), and JAX's import ~1 s faster when this runs
+   first (the CLI calls it before importing anything else). Garbage is still collected, in
+   bigger steps.
+
+3. JAX's persistent compilation cache, on by default.
 
 A run's compiled functions depend only on its static signature (shapes, the agent's static
 options, which hyper-parameters vary across the batch), so the second run of a config -- a rerun,
@@ -22,10 +32,8 @@ entry is never used. The folder is not pruned (an entry is 0.1-1 MB); delete it 
 """
 from __future__ import annotations
 
+import gc
 import os
-
-import jax
-from jax import monitoring
 
 ENV = "RLSTOP_COMPILATION_CACHE"
 OFF = {"off", "0", "false", "no", "none"}
@@ -46,12 +54,17 @@ def default_dir() -> str:
 
 
 def configure() -> str | None:
-    """Apply both settings to this process (idempotent); return the cache folder, or None when
+    """Apply these settings to this process (idempotent); return the cache folder, or None when
     the cache is off or its folder cannot be created (a run then simply compiles)."""
     if _state["configured"]:
         return _state["dir"]
     _state["configured"] = True
+    gc.set_threshold(50_000, 50, 100)  # first: the imports below allocate too
+    import jax
+    from jax import monitoring
+
     jax.config.update("jax_cpu_enable_async_dispatch", False)
+    gc.freeze()
     setting = os.environ.get(ENV)
     if setting is not None and setting.strip().lower() in OFF:
         return None
