@@ -46,6 +46,27 @@ def _time_limit(env):
     return env
 
 
+def test_gymnax_step_no_reset_is_the_step_before_its_reset():
+    """``step_no_reset`` (evaluation) gives what ``step_with_keys`` gives before resetting:
+    the same transition, with the episode's own last observation and state kept at its end."""
+    gx = GymnaxEnv("CartPole-v1")
+    both = jax.jit(lambda k, s, a: (gx.step_with_keys(k, jax.random.fold_in(k, 1), s, a), gx.step_no_reset(k, s, a)))
+    _, state = gx.reset(jax.random.PRNGKey(0))
+    ends = 0
+    for t in range(60):
+        with_reset, no_reset = both(jax.random.PRNGKey(t), state, jnp.int32(1))  # always push right: ends fast
+        for a, b in [(with_reset.final_obs, no_reset.obs), (with_reset.final_obs, no_reset.final_obs),
+                     (with_reset.reward, no_reset.reward), (with_reset.terminated, no_reset.terminated),
+                     (with_reset.truncated, no_reset.truncated)]:
+            np.testing.assert_array_equal(a, b)
+        if not with_reset.terminated:
+            for a, b in zip(jax.tree.leaves(with_reset.state), jax.tree.leaves(no_reset.state)):
+                np.testing.assert_array_equal(a, b)
+        ends += int(with_reset.terminated)
+        state = with_reset.state
+    assert ends >= 2
+
+
 def test_cartpole_parity_with_gymnax():
     """From the same states and actions, gymnasium's CartPole and gymnax's give the same
     transitions: next observation, reward, termination, and truncation at the time limit."""

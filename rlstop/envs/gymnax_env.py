@@ -71,6 +71,17 @@ class GymnaxEnv:
         key_step, key_reset = jax.random.split(key)
         return self.step_with_keys(key_step, key_reset, state, action)
 
+    def step_no_reset(self, key_step: jax.Array, state: Any, action: jnp.ndarray) -> Step:
+        """One step without the reset where the episode ended (``obs`` and ``final_obs`` are both
+        the step's own observation): for loops that stop counting at an episode's end, such as
+        evaluation, and so need neither the reset nor its random numbers."""
+        env, params = self._env, self.params
+        obs, state, reward, terminated, _ = env.step_env(key_step, state, action, params)
+        truncated = jnp.logical_and(env.is_truncated(state, params), jnp.logical_not(terminated))
+        obs = obs.astype(jnp.float32)
+        return Step(obs, state, jnp.asarray(reward, jnp.float32), terminated.astype(jnp.bool_),
+                    truncated.astype(jnp.bool_), obs)
+
     def step_with_keys(self, key_step: jax.Array, key_reset: jax.Array, state: Any, action: jnp.ndarray) -> Step:
         """gymnax 1.0's ``step`` (step, then reset where the episode ended) with both keys given,
         so a loop can draw every key of an iteration in one call rather than one split per step."""

@@ -41,12 +41,14 @@ def greedy_returns(env, policy: Callable, key: jax.Array, num_episodes: int) -> 
     """
     k_reset, k_steps = jax.random.split(key)
     obs, state = jax.vmap(env.reset)(jax.random.split(k_reset, num_episodes))
-    keys = jax.random.split(k_steps, (env.max_episode_steps, 2, num_episodes))  # every key at once
+    # Every step key at once. An episode is not reset where it ends (its return stops counting
+    # there), so the second half of each step's keys, the reset's in the training loops, is unused.
+    keys = jax.random.split(k_steps, (env.max_episode_steps, 2, num_episodes))
 
     def step(carry, k):
         obs, state, ret, alive = carry
         action = policy(obs)
-        out = jax.vmap(env.step_with_keys)(k[0], k[1], state, action)
+        out = jax.vmap(env.step_no_reset)(k[0], state, action)
         ret = ret + jnp.where(alive, out.reward, 0.0)
         alive = alive & ~(out.terminated | out.truncated)
         return (out.obs, out.state, ret, alive), None
