@@ -148,6 +148,32 @@ def test_vmapped_gradient_with_varying_switches_equals_each_rows_autodiff(setup,
         assert (norm > 0.0) if needs[i] else (norm == 0.0), f"row {i}"
 
 
+@pytest.mark.parametrize("layer_norm", [False, True])
+def test_init_is_distributed_as_flax_default_init(layer_norm):
+    """DQN's one-draw initialisation has flax's default distribution: lecun_normal kernels (a
+    normal truncated at two standard deviations, variance 1 / fan_in), zero biases, unit
+    LayerNorm scales; different seeds give different parameters."""
+    from rlstop.networks import lecun_normal_init
+
+    net = DQN(DQNConfig(hidden_sizes=[256, 256], layer_norm=layer_norm), (64,), 8).network
+    obs = jnp.zeros((64,))
+    ref = net.init(jax.random.PRNGKey(0), obs)
+    fast, other = (lecun_normal_init(net, jax.random.PRNGKey(k), obs) for k in (0, 1))
+    assert jax.tree.structure(ref) == jax.tree.structure(fast)
+    for (path, a), b, c in zip(jax.tree_util.tree_flatten_with_path(ref)[0], jax.tree.leaves(fast),
+                               jax.tree.leaves(other)):
+        assert a.shape == b.shape and a.dtype == b.dtype, path
+        if path[-1].key != "kernel":
+            np.testing.assert_array_equal(a, b)
+            continue
+        fan_in = a.shape[0]
+        np.testing.assert_allclose(np.std(b), fan_in ** -0.5, rtol=0.05, err_msg=str(path))
+        np.testing.assert_allclose(np.std(b), np.std(a), rtol=0.05, err_msg=str(path))
+        assert np.max(np.abs(b)) <= 2.0 * fan_in ** -0.5 / 0.87962566103423978 + 1e-6
+        assert abs(float(np.mean(b))) < 0.1 * fan_in ** -0.5
+        assert not np.array_equal(b, c)
+
+
 def test_double_q_selector_gets_no_gradient(setup):
     cfg, agent, state, target, batch = setup
     # Double Q with a target network: s' enters through the target (value) and the online

@@ -34,7 +34,7 @@ from rlstop import losses
 from rlstop.agents import freeze, optim
 from rlstop.agents.replay import Transition
 from rlstop.errors import UserError
-from rlstop.networks import ACTIVATIONS, QNetwork
+from rlstop.networks import ACTIVATIONS, QNetwork, lecun_normal_init
 
 
 @dataclass(frozen=True)
@@ -216,7 +216,7 @@ class DQN:
         return optim.build(self.cfg, hp, hp["learning_rate"], max_grad_norm=self.cfg.max_grad_norm, labels=labels)
 
     def init(self, key: jax.Array, hp) -> DQNState:
-        params = self.network.init(key, jnp.zeros(self.obs_shape, jnp.float32))
+        params = lecun_normal_init(self.network, key, jnp.zeros(self.obs_shape, jnp.float32))
         return DQNState(params, params, self.optimizer(hp).init(params))
 
     def epsilon(self, step, hp, total_steps: int):
