@@ -60,6 +60,10 @@ def init_from_one_draw(module: nn.Module, key: jax.Array, example, draw, kernel)
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
+# The standard deviation of a standard normal truncated to [-2, 2] (flax's variance_scaling).
+TRUNCATED_NORMAL_STD = .87962566103423978
+
+
 def lecun_normal_init(module: nn.Module, key: jax.Array, example) -> dict:
     """Variables distributed as ``module.init(key, example)``'s for a module that keeps flax's
     default initialisers (Dense and Conv kernels ``lecun_normal``: a normal truncated to two
@@ -71,10 +75,6 @@ def lecun_normal_init(module: nn.Module, key: jax.Array, example) -> dict:
 
     return init_from_one_draw(module, key, example, lambda k, n: jax.random.truncated_normal(k, -2.0, 2.0, n),
                               lecun)
-
-
-# The standard deviation of a standard normal truncated to [-2, 2] (flax's variance_scaling).
-TRUNCATED_NORMAL_STD = .87962566103423978
 
 
 class MLP(nn.Module):

@@ -299,7 +299,8 @@ class DQN:
         non-zero only with the target network off (else Q(s', .) does not depend on θ) and the
         target not detached (else ∂L/∂Q(s', .) is exactly zero: the losses' stop_gradient
         switch). It is the vector-Jacobian product of the forward pass that gives Q(s', .), computed
-        under a ``lax.cond`` when the switches are shared by the batch.
+        under a ``lax.cond`` when the switches are shared by the batch, and by ``masked_vjp`` (only
+        for the chunks of rows that need it) when they vary across it.
 
         With ``freeze_mode: stop_gradient`` both parts read the frozen sub-trees through a
         stop-gradient, so their gradient is exactly zero.
