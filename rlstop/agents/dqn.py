@@ -309,11 +309,11 @@ class DQN:
         # One forward pass through Q(s', .) gives the bootstrap values and, linearised, the VJP of
         # the part through the target (needed only where bootstrap = params: target network off).
         q_t_value, vjp_next = jax.vjp(
-            lambda p: self.network.apply(freeze.detach(p, self.detached), batch.next_obs), bootstrap)
+            lambda p: self._q(p, batch.next_obs), bootstrap)
         selector = self._selector(params, q_t_value, batch, hp)
 
         def direct(p, q_next):
-            q_tm1 = self.network.apply(freeze.detach(p, self.detached), batch.obs)
+            q_tm1 = self._q(p, batch.obs)
             td = self._td(q_tm1, q_next, selector, batch, hp)
             return jnp.mean(td**2), self._q_metrics(q_tm1, batch)
 
@@ -331,8 +331,12 @@ class DQN:
     def _residual(self, needs, params, next_obs, ct_next):
         """(∂Q(s', .)/∂θ)ᵀ ct_next where ``needs``, exactly zero elsewhere, for switches that vary
         across the batch: ``masked_vjp`` computes it only for the chunks of rows that need it."""
-        return masked_vjp(lambda p, o: self.network.apply(freeze.detach(p, self.detached), o),
-                          needs, params, next_obs, ct_next)
+        return masked_vjp(self._q, needs, params, next_obs, ct_next)
+
+    def _q(self, params, obs):
+        """Q(obs, .), reading the frozen sub-trees through a stop-gradient with ``freeze_mode:
+        stop_gradient`` (their gradient is then exactly zero)."""
+        return self.network.apply(freeze.detach(params, self.detached), obs)
 
     def update(self, state: DQNState, batch: Transition, hp, sync) -> tuple[DQNState, dict]:
         """One gradient step, then (if ``sync``) a target step of size target_tau (1 = hard copy).

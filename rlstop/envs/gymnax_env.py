@@ -85,12 +85,9 @@ class GymnaxEnv:
     def step_with_keys(self, key_step: jax.Array, key_reset: jax.Array, state: Any, action: jnp.ndarray) -> Step:
         """gymnax 1.0's ``step`` (step, then reset where the episode ended) with both keys given,
         so a loop can draw every key of an iteration in one call rather than one split per step."""
-        env, params = self._env, self.params
-        obs_st, state_st, reward, terminated, _ = env.step_env(key_step, state, action, params)
-        truncated = jnp.logical_and(env.is_truncated(state_st, params), jnp.logical_not(terminated))
-        done = jnp.logical_or(terminated, truncated)
-        obs_re, state_re = env.reset_env(key_reset, params)
-        state = jax.tree.map(lambda r, x: jax.lax.select(done, r, x), state_re, state_st)
-        obs = jax.lax.select(done, obs_re, obs_st)
-        return Step(obs.astype(jnp.float32), state, jnp.asarray(reward, jnp.float32), terminated.astype(jnp.bool_),
-                    truncated.astype(jnp.bool_), obs_st.astype(jnp.float32))
+        last = self.step_no_reset(key_step, state, action)
+        done = jnp.logical_or(last.terminated, last.truncated)
+        obs_re, state_re = self._env.reset_env(key_reset, self.params)
+        state = jax.tree.map(lambda r, x: jax.lax.select(done, r, x), state_re, last.state)
+        obs = jax.lax.select(done, obs_re.astype(jnp.float32), last.obs)
+        return last._replace(obs=obs, state=state)
