@@ -2,11 +2,17 @@ import os
 
 import pytest
 
+from rlstop.train import runtime
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Tests compile afresh and leave nothing in the user's cache folder (this process and the CLI
 # subprocesses it starts); test_cli checks the persistent compilation cache on its own folder.
 os.environ["RLSTOP_COMPILATION_CACHE"] = "off"
+
+# The process-wide settings the CLI applies before JAX starts (one CPU device per core among
+# them), so that in-process tests run as `rlstop` does whichever test happens to start JAX.
+runtime.configure()
 
 
 @pytest.fixture(autouse=True)

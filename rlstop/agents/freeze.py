@@ -238,7 +238,7 @@ def prepare(runner, cfgs):
             rows = np.arange(n) % jax.tree.leaves(src)[0].shape[0]
             chosen, rest = split(params, names)
             chosen = jax.tree.map(
-                lambda cur, new: jax.device_put(cur.at[offset:offset + n].set(jnp.asarray(new)[rows].astype(cur.dtype)),
+                lambda cur, new: jax.device_put(cur.at[offset:offset + n].set(np.asarray(new)[rows].astype(cur.dtype)),
                                                 cur.sharding),
                 chosen, select(src, names))
             params, loaded = merge(chosen, rest), True

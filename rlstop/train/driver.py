@@ -205,7 +205,7 @@ def run_group(cfgs: list, progress=None, ckpt_dir: str | None = None, compile_on
     batch = keys.shape[0]
     # Over several devices (or processes): pad the batch to a multiple of the device count and
     # split it over a mesh; the extra rows are dropped below.
-    mesh = parallel.batch_mesh()
+    mesh = parallel.batch_mesh(batch)
     keys, hp = parallel.pad(keys, hp, hp_axes, parallel.padded_size(batch, mesh))
     keys, hp = parallel.place(keys, hp, hp_axes, mesh)
     multihost = jax.process_count() > 1

@@ -1,10 +1,11 @@
 """The run batch across devices and hosts, with JAX's own runtime (jax.sharding, jax.distributed).
 
 The batch axis (runs x seeds) is embarrassingly parallel: each element is one independent
-training run. It is laid out over a one-axis ``Mesh`` of every device (of every process, when
-launched under ``jax.distributed``), padded to a multiple of the device count; the compiled
-function then runs each device's slice with no communication. Values shared by the whole batch
-stay replicated.
+training run. It is laid out over a one-axis ``Mesh`` of the devices (every device of every
+process when launched under ``jax.distributed``; in one process, at most one device per element
+of the batch), padded to a multiple of the device count; the compiled function then runs each
+device's slice with no communication. Values shared by the whole batch stay replicated. On CPU,
+``rlstop.train.runtime`` makes one device per core.
 """
 from __future__ import annotations
 
@@ -49,8 +50,13 @@ def is_main_process() -> bool:
     return jax.process_index() == 0
 
 
-def batch_mesh() -> Mesh | None:
+def batch_mesh(batch: int) -> Mesh | None:
+    """The mesh for a batch of ``batch`` runs, or None for one device. In one process, devices
+    beyond the batch size would only train padding, so a batch of one stays unsplit (and
+    bit-identical to a run on a one-device machine)."""
     devices = jax.devices()
+    if jax.process_count() == 1:
+        devices = devices[:batch]
     return Mesh(np.asarray(devices), ("batch",)) if len(devices) > 1 else None
 
 
