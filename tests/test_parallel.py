@@ -51,3 +51,28 @@ def test_two_processes_on_loopback_give_the_same_metrics(reference, tmp_path):
         assert p.returncode == 0, err[-2000:]
     # Process 0 wrote the results; process 1 wrote nothing of its own.
     assert_same_metrics(reference, pd.read_csv(tmp_path / "dqn_cartpole" / "metrics.csv"))
+
+
+def test_one_cpu_device_per_core_and_a_single_run_stays_on_one():
+    import jax
+
+    from rlstop.train import parallel, runtime
+
+    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        assert len(jax.devices()) == runtime.cpu_devices()
+    assert parallel.batch_mesh(1) is None
+    n = len(jax.devices())
+    if n > 1:
+        assert parallel.batch_mesh(2).devices.size == 2
+        assert parallel.batch_mesh(n + 3).devices.size == n
+
+
+def test_a_bad_cpu_device_count_is_one_error_line(tmp_path):
+    env = dict(os.environ, RLSTOP_CPU_DEVICES="two")
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, "-m", "rlstop", *ARGS, "--out", str(tmp_path), "--quiet"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("error: RLSTOP_CPU_DEVICES='two' must be a positive integer "
+                                   "(the number of CPU devices; 1 runs everything on one)")
+    assert not any(tmp_path.iterdir())
