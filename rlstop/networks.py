@@ -15,6 +15,46 @@ import jax.numpy as jnp
 ACTIVATIONS: dict[str, Callable] = {"relu": nn.relu, "tanh": nn.tanh, "gelu": nn.gelu, "silu": nn.silu}
 
 
+@jax.custom_vjp
+def matmul(x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
+    """x [..., n] @ w [n, m], whose kernel gradient is x^T g computed from a transposed copy of x.
+
+    Autodiff's own kernel gradient contracts x and g over their leading (row) axis. XLA's CPU
+    backend hands that transposed-operand product to a slower routine than the forward one (for
+    the MLPs here the weight gradients cost more than the forward products); a materialised
+    x^T [n, rows] -- an optimization barrier keeps XLA from folding the transpose back into the
+    product -- turns it into the ordinary kind. A 4-64-64-2 tanh MLP's forward and backward pass
+    on 264 rows, 2 cores: 119 -> 101 us; vmapped over 8 seeds on one core 935 -> 809 us. Values are
+    those of ``x @ w`` and its gradients up to float32 rounding.
+    """
+    return x @ w
+
+
+def _matmul_fwd(x, w):
+    return x @ w, (x, w)
+
+
+def _matmul_bwd(res, g):
+    x, w = res
+    xt = jax.lax.optimization_barrier(x.reshape(-1, x.shape[-1]).T)
+    return g @ w.T, xt @ g.reshape(-1, g.shape[-1])
+
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def _dense_dot_general(x, w, dimension_numbers, precision=None, preferred_element_type=None):
+    (contract_x, contract_w), batch = dimension_numbers
+    assert tuple(contract_x) == (x.ndim - 1,) and tuple(contract_w) == (0,) and not any(batch), dimension_numbers
+    return matmul(x, w)
+
+
+class Dense(nn.Dense):
+    """``flax.linen.Dense`` (same parameters, names and initialisers) through ``matmul``."""
+
+    dot_general: Callable = _dense_dot_general
+
+
 @jax.custom_batching.custom_vmap
 def qr_one_at_a_time(a: jnp.ndarray):
     """``jnp.linalg.qr(a)`` of one matrix; under ``vmap`` the matrices go one after another.
@@ -93,7 +133,7 @@ class MLP(nn.Module):
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         act = ACTIVATIONS[self.activation]
         for size in self.hidden_sizes:
-            x = nn.Dense(size, kernel_init=self.kernel_init)(x)
+            x = Dense(size, kernel_init=self.kernel_init)(x)
             if self.layer_norm:
                 x = nn.LayerNorm()(x)
             x = act(x)
@@ -112,7 +152,7 @@ class QNetwork(nn.Module):
     def __call__(self, obs: jnp.ndarray) -> jnp.ndarray:
         x = obs.reshape(obs.shape[:-1] + (-1,)) if obs.ndim > 1 else obs
         x = MLP(self.hidden_sizes, self.activation, self.layer_norm, name="torso")(x)
-        return nn.Dense(self.num_actions, name="head")(x)
+        return Dense(self.num_actions, name="head")(x)
 
 
 class NatureCNN(nn.Module):
@@ -144,7 +184,7 @@ class ConvQNetwork(nn.Module):
     def __call__(self, obs: jnp.ndarray) -> jnp.ndarray:
         x = NatureCNN(name="cnn")(obs)
         x = MLP(self.hidden_sizes, self.activation, self.layer_norm, name="torso")(x)
-        return nn.Dense(self.num_actions, name="head")(x)
+        return Dense(self.num_actions, name="head")(x)
 
 
 def _maybe_stop(x: jnp.ndarray, flag) -> jnp.ndarray:
@@ -187,9 +227,9 @@ class ActorCritic(nn.Module):
         else:
             self.actor_torso = torso("actor_torso")
             self.critic_torso = torso("critic_torso")
-        self.policy_head = nn.Dense(self.action_dim, kernel_init=nn.initializers.orthogonal(self.GAINS["policy_head"]),
+        self.policy_head = Dense(self.action_dim, kernel_init=nn.initializers.orthogonal(self.GAINS["policy_head"]),
                                     name="policy_head")
-        self.value_head = nn.Dense(1, kernel_init=nn.initializers.orthogonal(self.GAINS["value_head"]),
+        self.value_head = Dense(1, kernel_init=nn.initializers.orthogonal(self.GAINS["value_head"]),
                                    name="value_head")
         if not self.discrete:
             self.log_std = self.param("log_std", nn.initializers.zeros, (self.action_dim,))

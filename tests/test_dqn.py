@@ -265,3 +265,27 @@ def test_two_seeds_have_different_initial_parameters():
     states = jax.vmap(agent.init, in_axes=(0, None))(keys, hp)
     k0 = states.params["params"]["torso"]["Dense_0"]["kernel"]
     assert not np.allclose(k0[0], k0[1])
+
+
+@pytest.mark.parametrize("x_shape", [(5,), (7, 4), (3, 7, 4)])
+def test_dense_matmul_gradients_equal_autodiffs_of_x_at_w(x_shape):
+    """networks.matmul (every Dense layer's product): the values and both gradients of x @ w,
+    plain and vmapped."""
+    from rlstop.networks import matmul
+
+    kx, kw, kg = jax.random.split(jax.random.PRNGKey(3), 3)
+    n = x_shape[-1] if len(x_shape) > 1 else 5
+    x = jax.random.normal(kx, x_shape if len(x_shape) > 1 else (n,))
+    w = jax.random.normal(kw, (n, 6))
+    g = jax.random.normal(kg, x.shape[:-1] + (6,))
+    ours = jax.vjp(matmul, x, w)
+    ref = jax.vjp(lambda a, b: a @ b, x, w)
+    np.testing.assert_array_equal(ours[0], ref[0])
+    for a, b in zip(ours[1](g), ref[1](g)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    if x.ndim > 1:  # rows of a batch, each with its own kernel
+        ws = jnp.stack([w, 2 * w, -w][: x.shape[0]] + [w] * max(0, x.shape[0] - 3))
+        f = lambda xs, ws: jnp.sum(jax.vmap(matmul)(xs, ws) * g)  # noqa: E731
+        r = lambda xs, ws: jnp.sum(jax.vmap(jnp.matmul)(xs, ws) * g)  # noqa: E731
+        for a, b in zip(jax.grad(f, (0, 1))(x, ws), jax.grad(r, (0, 1))(x, ws)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
