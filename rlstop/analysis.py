@@ -7,6 +7,7 @@ over seeds. The bootstrap is scipy's.
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -50,7 +51,9 @@ def curve_band(values: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarra
     idx = rng.integers(0, seeds, size=(N_RESAMPLES, seeds))
     finite = np.isfinite(values)
     v = np.where(finite, values, 0.0)
-    with np.errstate(invalid="ignore", divide="ignore"):
+    # A point no seed has a finite value at (all diverged) is NaN, without numpy's warnings.
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "All-NaN slice", RuntimeWarning)
         mean = v.sum(0) / finite.sum(0)
         boot = v[idx].sum(1) / finite[idx].sum(1)  # [resamples, points]
         lo, hi = np.nanpercentile(boot, [2.5, 97.5], axis=0) if seeds > 1 else (mean, mean)
