@@ -139,6 +139,7 @@ def summarise(run: Run, res, i: int) -> dict:
         "compile_cache_hits": res.compile_cache_hits,
         "env_steps_per_s": res.env_steps_per_s,
         "batch": sum(c.train.seeds for c in res.cfgs),
+        "devices": res.devices,
         "versions": results.versions(),
     }
 

@@ -1,4 +1,5 @@
 """The batch over devices (jax.sharding) and over processes (jax.distributed): same metrics."""
+import json
 import os
 import socket
 import subprocess
@@ -33,6 +34,8 @@ def test_sharded_over_four_devices_gives_the_same_metrics(reference, tmp_path):
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert_same_metrics(reference, pd.read_csv(tmp_path / "dqn_cartpole" / "metrics.csv"))
+    # 3 runs on 4 devices: one device per run, the fourth idle
+    assert json.loads((tmp_path / "dqn_cartpole" / "summary.json").read_text())["devices"] == 3
 
 
 def test_two_processes_on_loopback_give_the_same_metrics(reference, tmp_path):

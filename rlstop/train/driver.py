@@ -132,6 +132,7 @@ class GroupResult:
     runner: object = None        # the final state of the whole batch (agents, buffers, envs, keys)
     resumed_from: int = 0        # env steps restored from a checkpoint (0: a fresh start)
     compile_cache_hits: int = 0  # executables loaded from the persistent compilation cache
+    devices: int = 1             # devices the batch was split over
 
 
 def batched(fn, batch: int, in_axes):
@@ -285,7 +286,8 @@ def run_group(cfgs: list, progress=None, ckpt_dir: str | None = None, compile_on
     env_steps = (lay.num_chunks - start_chunk) * lay.steps_per_chunk * batch
     return GroupResult(cfgs, out_metrics, div_steps, nonfin, wall_s, compile_s,
                        env_steps / max(run_s, 1e-9), 1, extras, program.value_metric, bounds,
-                       final_runner, start_chunk * lay.steps_per_chunk, cache_hits)
+                       final_runner, start_chunk * lay.steps_per_chunk, cache_hits,
+                       mesh.devices.size if mesh is not None else 1)
 
 
 def run_table(cfg, m: dict, steps: np.ndarray, value_metric: str, bound: float):
