@@ -1,7 +1,7 @@
 """results/freeze_modes: freezing DQN's torso through the optimizer (mask) or in the loss
 (stop_gradient), under AdamW with decoupled weight decay.
 
-Run from the repository root:  python scripts/freeze_modes.py  (a few minutes on 2 CPU cores)
+Run from the repository root:  python scripts/freeze_modes.py  (under a minute on 2 CPU cores)
 
 1. pretrain:  rlstop train configs/dqn_cartpole.yaml train.total_steps=100000 train.seeds=4 name=pretrain
 2. fine-tune: rlstop sweep configs/sweeps/dqn_cartpole_freeze_modes.yaml (init_from the pretrained run,

@@ -45,5 +45,6 @@ if want baird; then
 fi
 if want scaling; then
   echo "== scaling (CPU)"
-  python scripts/bench.py --scale --json results/scaling/cpu.json | tee results/scaling/cpu.md
+  # The measured table; results/scaling/cpu.md describes it (and is not overwritten).
+  python scripts/bench.py --scale --json results/scaling/cpu.json | tee results/scaling/table.md
 fi
