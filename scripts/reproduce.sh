@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerates every reference result in results/ from scratch (about 30 minutes on a 2-core CPU).
+# Regenerates every reference result in results/ from scratch (about 15 minutes on a 2-core CPU).
 #   bash scripts/reproduce.sh            # all of them
 #   bash scripts/reproduce.sh dqn_cartpole baird   # some of them
 # Each ablation trains through `rlstop ablate` into runs/reproduce/, then its run folders
