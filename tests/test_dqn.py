@@ -289,3 +289,24 @@ def test_dense_matmul_gradients_equal_autodiffs_of_x_at_w(x_shape):
         r = lambda xs, ws: jnp.sum(jax.vmap(jnp.matmul)(xs, ws) * g)  # noqa: E731
         for a, b in zip(jax.grad(f, (0, 1))(x, ws), jax.grad(r, (0, 1))(x, ws)):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("path", ["configs/dqn_cartpole.yaml", "configs/ppo_pendulum.yaml"])
+def test_init_compiled_with_the_older_cpu_emitters_gives_the_same_state(path):
+    """The driver compiles the init function with INIT_COMPILER_OPTIONS (faster to compile):
+    the state must be the one the default options give, bit for bit."""
+    from rlstop.envs import make_env
+    from rlstop.train import driver
+
+    if jax.default_backend() not in driver.INIT_COMPILER_OPTIONS:
+        pytest.skip("no init compiler options on this backend")
+    cfg = config_lib.load_config(path, ["train.seeds=2"])
+    env = make_env(cfg.env)
+    hp, axes = driver.batch_hparams([cfg])
+    program = driver.make_program(cfg, env, driver.varying_keys(axes))
+    keys = driver.batch_keys([cfg])
+    lowered = jax.jit(driver.batched(program.init, 2, (0, axes))).lower(keys, hp)
+    ours = lowered.compile(driver.INIT_COMPILER_OPTIONS[jax.default_backend()])(keys, hp)
+    default = lowered.compile()(keys, hp)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(default)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
