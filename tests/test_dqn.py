@@ -293,12 +293,13 @@ def test_dense_matmul_gradients_equal_autodiffs_of_x_at_w(x_shape):
 
 @pytest.mark.parametrize("path", ["configs/dqn_cartpole.yaml", "configs/ppo_pendulum.yaml"])
 def test_init_compiled_with_the_older_cpu_emitters_gives_the_same_state(path):
-    """The driver compiles the init function with INIT_COMPILER_OPTIONS (faster to compile):
+    """The driver compiles the init function with init_options (faster to compile):
     the state must be the one the default options give, bit for bit."""
     from rlstop.envs import make_env
     from rlstop.train import driver
 
-    if jax.default_backend() not in driver.INIT_COMPILER_OPTIONS:
+    options = driver.init_options(jax.default_backend())
+    if options is None:
         pytest.skip("no init compiler options on this backend")
     cfg = config_lib.load_config(path, ["train.seeds=2"])
     env = make_env(cfg.env)
@@ -306,7 +307,7 @@ def test_init_compiled_with_the_older_cpu_emitters_gives_the_same_state(path):
     program = driver.make_program(cfg, env, driver.varying_keys(axes))
     keys = driver.batch_keys([cfg])
     lowered = jax.jit(driver.batched(program.init, 2, (0, axes))).lower(keys, hp)
-    ours = lowered.compile(driver.INIT_COMPILER_OPTIONS[jax.default_backend()])(keys, hp)
+    ours = lowered.compile(options)(keys, hp)
     default = lowered.compile()(keys, hp)
     for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(default)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

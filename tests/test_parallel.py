@@ -79,3 +79,17 @@ def test_a_bad_cpu_device_count_is_one_error_line(tmp_path):
     assert proc.stderr.strip() == ("error: RLSTOP_CPU_DEVICES='two' must be a positive integer "
                                    "(the number of CPU devices; 1 runs everything on one)")
     assert not any(tmp_path.iterdir())
+
+
+def test_fast_compile_uses_the_older_cpu_emitters_and_gives_the_same_metrics(reference, tmp_path, monkeypatch):
+    from rlstop.train import runtime
+
+    monkeypatch.delenv("RLSTOP_FAST_COMPILE", raising=False)
+    assert runtime.compiler_options("cpu") is None
+    monkeypatch.setenv("RLSTOP_FAST_COMPILE", "1")
+    assert runtime.compiler_options("cpu") == {"xla_cpu_use_fusion_emitters": False}
+    assert runtime.compiler_options("gpu") is None
+    assert main([*ARGS, "--out", str(tmp_path), "--quiet"]) == 0
+    assert_same_metrics(reference, pd.read_csv(tmp_path / "dqn_cartpole" / "metrics.csv"))
+    monkeypatch.setenv("RLSTOP_FAST_COMPILE", "off")
+    assert runtime.compiler_options("cpu") is None

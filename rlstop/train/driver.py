@@ -172,18 +172,22 @@ def compile_chunk(program: Program, lay: Layout, runner, hp, hp_axes, mesh=None)
     batch = jax.tree.leaves(runner)[0].shape[0]
     fn = batched(chunk, batch, (0, hp_axes, None))
     if mesh is None:
-        return jax.jit(fn, donate_argnums=0).lower(runner, hp, jnp.zeros((), jnp.int32)).compile()
+        options = runtime.compiler_options(jax.default_backend())
+        return jax.jit(fn, donate_argnums=0).lower(runner, hp, jnp.zeros((), jnp.int32)).compile(options)
     split, whole = parallel.shardings(mesh)
     runner_s = jax.tree.map(lambda _: split, runner)
     hp_s = {k: split if a == 0 else whole for k, a in hp_axes.items()}
+    options = runtime.compiler_options(mesh.devices.flat[0].platform)
     return jax.jit(fn, donate_argnums=0, in_shardings=(runner_s, hp_s, whole), out_shardings=(runner_s, split)
-                   ).lower(runner, hp, jnp.zeros((), jnp.int32)).compile()
+                   ).lower(runner, hp, jnp.zeros((), jnp.int32)).compile(options)
 
 
-# The init function runs once: on CPU, XLA's older fusion emitters compile it in ~60% of the time
-# of the default ones (CartPole DQN 0.59 -> 0.30-0.37 s, PPO 0.73-0.90 -> 0.46-0.59 s) and give the
-# same state, bit for bit. The chunk keeps the default emitters, whose code runs faster.
-INIT_COMPILER_OPTIONS = {"cpu": {"xla_cpu_use_fusion_emitters": False}}
+def init_options(platform: str) -> dict | None:
+    """The init function runs once: on CPU, XLA's older fusion emitters compile it in ~60% of the
+    time of the default ones (CartPole DQN 0.59 -> 0.30-0.37 s, PPO 0.73-0.90 -> 0.46-0.59 s) and
+    give the same state, bit for bit. The chunk keeps the default emitters unless
+    ``$RLSTOP_FAST_COMPILE`` is on (``rlstop.train.runtime``): their code runs faster."""
+    return runtime.compiler_options(platform, always_fast=True)
 
 
 def run_group(cfgs: list, progress=None, ckpt_dir: str | None = None, compile_only: bool = False) -> GroupResult:
@@ -221,13 +225,13 @@ def run_group(cfgs: list, progress=None, ckpt_dir: str | None = None, compile_on
     hits0 = runtime.counts()["hits"]
     init_fn = batched(program.init, keys.shape[0], (0, hp_axes))
     if mesh is None:
-        init = jax.jit(init_fn).lower(keys, hp).compile(INIT_COMPILER_OPTIONS.get(jax.default_backend()))
+        init = jax.jit(init_fn).lower(keys, hp).compile(init_options(jax.default_backend()))
     else:
         split, whole = parallel.shardings(mesh)
         hp_s = {k: split if a == 0 else whole for k, a in hp_axes.items()}
         out_s = jax.tree.map(lambda _: split, jax.eval_shape(init_fn, keys, hp))
         init = jax.jit(init_fn, in_shardings=(split, hp_s), out_shardings=out_s).lower(keys, hp).compile(
-            INIT_COMPILER_OPTIONS.get(mesh.devices.flat[0].platform))
+            init_options(mesh.devices.flat[0].platform))
     runner = init(keys, hp)
     prepare = loop_hook(cfg0, "prepare")
     if prepare is not None:  # e.g. parameters from earlier runs (agent.init_from)
