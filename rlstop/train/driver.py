@@ -171,15 +171,18 @@ def compile_chunk(program: Program, lay: Layout, runner, hp, hp_axes, mesh=None)
 
     batch = jax.tree.leaves(runner)[0].shape[0]
     fn = batched(chunk, batch, (0, hp_axes, None))
+    options = runtime.compiler_options(_platform(mesh))
     if mesh is None:
-        options = runtime.compiler_options(jax.default_backend())
         return jax.jit(fn, donate_argnums=0).lower(runner, hp, jnp.zeros((), jnp.int32)).compile(options)
     split, whole = parallel.shardings(mesh)
     runner_s = jax.tree.map(lambda _: split, runner)
     hp_s = {k: split if a == 0 else whole for k, a in hp_axes.items()}
-    options = runtime.compiler_options(mesh.devices.flat[0].platform)
     return jax.jit(fn, donate_argnums=0, in_shardings=(runner_s, hp_s, whole), out_shardings=(runner_s, split)
                    ).lower(runner, hp, jnp.zeros((), jnp.int32)).compile(options)
+
+
+def _platform(mesh) -> str:
+    return jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
 
 
 def init_options(platform: str) -> dict | None:
@@ -225,13 +228,13 @@ def run_group(cfgs: list, progress=None, ckpt_dir: str | None = None, compile_on
     hits0 = runtime.counts()["hits"]
     init_fn = batched(program.init, keys.shape[0], (0, hp_axes))
     if mesh is None:
-        init = jax.jit(init_fn).lower(keys, hp).compile(init_options(jax.default_backend()))
+        init = jax.jit(init_fn).lower(keys, hp).compile(init_options(_platform(mesh)))
     else:
         split, whole = parallel.shardings(mesh)
         hp_s = {k: split if a == 0 else whole for k, a in hp_axes.items()}
         out_s = jax.tree.map(lambda _: split, jax.eval_shape(init_fn, keys, hp))
         init = jax.jit(init_fn, in_shardings=(split, hp_s), out_shardings=out_s).lower(keys, hp).compile(
-            init_options(mesh.devices.flat[0].platform))
+            init_options(_platform(mesh)))
     runner = init(keys, hp)
     prepare = loop_hook(cfg0, "prepare")
     if prepare is not None:  # e.g. parameters from earlier runs (agent.init_from)

@@ -56,6 +56,8 @@ from rlstop.errors import UserError
 
 ENV = "RLSTOP_COMPILATION_CACHE"
 DEVICES_ENV = "RLSTOP_CPU_DEVICES"
+FAST_COMPILE_ENV = "RLSTOP_FAST_COMPILE"
+OLDER_EMITTERS = {"cpu": {"xla_cpu_use_fusion_emitters": False}}  # XLA options, by platform
 OFF = {"off", "0", "false", "no", "none"}
 
 _state = {"dir": None, "configured": False, "hits": 0, "misses": 0}
@@ -128,10 +130,6 @@ def configure() -> str | None:
     monitoring.register_event_listener(_count)
     _state["dir"] = path
     return path
-
-
-FAST_COMPILE_ENV = "RLSTOP_FAST_COMPILE"
-OLDER_EMITTERS = {"cpu": {"xla_cpu_use_fusion_emitters": False}}
 
 
 def compiler_options(platform: str, *, always_fast: bool = False) -> dict | None:
