@@ -227,14 +227,14 @@ def run_group(cfgs: list, progress=None, ckpt_dir: str | None = None, compile_on
     t0 = time.perf_counter()
     hits0 = runtime.counts()["hits"]
     init_fn = batched(program.init, keys.shape[0], (0, hp_axes))
+    options = init_options(_platform(mesh))
     if mesh is None:
-        init = jax.jit(init_fn).lower(keys, hp).compile(init_options(_platform(mesh)))
+        init = jax.jit(init_fn).lower(keys, hp).compile(options)
     else:
         split, whole = parallel.shardings(mesh)
         hp_s = {k: split if a == 0 else whole for k, a in hp_axes.items()}
         out_s = jax.tree.map(lambda _: split, jax.eval_shape(init_fn, keys, hp))
-        init = jax.jit(init_fn, in_shardings=(split, hp_s), out_shardings=out_s).lower(keys, hp).compile(
-            init_options(_platform(mesh)))
+        init = jax.jit(init_fn, in_shardings=(split, hp_s), out_shardings=out_s).lower(keys, hp).compile(options)
     runner = init(keys, hp)
     prepare = loop_hook(cfg0, "prepare")
     if prepare is not None:  # e.g. parameters from earlier runs (agent.init_from)

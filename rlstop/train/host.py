@@ -3,8 +3,8 @@
 Where the env is not JAX-native it cannot live inside ``lax.scan``; everything else still can.
 The loop steps a ``gymnasium_env.SameStepVectorEnv`` (``env.num_envs`` sub-envs, autoreset in the
 same step, as gymnasium's SyncVectorEnv with SAME_STEP) and calls the same agent functions as the
-scan loops, each compiled ahead of time once per group (``jax.jit(...).lower(...).compile()``: a compiled call skips jit's dispatch checks,
-which on a small CPU cost as much as an env step):
+scan loops, each compiled ahead of time once per group (``jax.jit(...).lower(...).compile()``: a
+compiled call skips jit's dispatch checks, which on a small CPU cost as much as an env step):
 
 * DQN (``DQNLoop``): epsilon-greedy as ``DQN.act`` computes it, split in two: the exploring half
   (``DQN.explore``: which envs explore and their random actions) of a whole logging block comes
