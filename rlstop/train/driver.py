@@ -9,6 +9,7 @@ compiled function, so metrics and the progress bar stream out between calls.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import importlib
 import inspect
 import time
@@ -150,7 +151,8 @@ def batched(fn, batch: int, in_axes):
     return one
 
 
-def compile_chunk(program: Program, lay: Layout, runner, hp, hp_axes, mesh=None):
+def lower_chunk(program: Program, lay: Layout, runner, hp, hp_axes, mesh=None):
+    """The chunk function, traced and lowered for ``runner`` (arrays, or their ``ShapeDtypeStruct``s)."""
     blocks_per_chunk = lay.blocks_per_eval * lay.periods_per_chunk
 
     def chunk(runner, hp, c):
@@ -171,14 +173,13 @@ def compile_chunk(program: Program, lay: Layout, runner, hp, hp_axes, mesh=None)
 
     batch = jax.tree.leaves(runner)[0].shape[0]
     fn = batched(chunk, batch, (0, hp_axes, None))
-    options = runtime.compiler_options(_platform(mesh))
     if mesh is None:
-        return jax.jit(fn, donate_argnums=0).lower(runner, hp, jnp.zeros((), jnp.int32)).compile(options)
+        return jax.jit(fn, donate_argnums=0).lower(runner, hp, jnp.zeros((), jnp.int32))
     split, whole = parallel.shardings(mesh)
     runner_s = jax.tree.map(lambda _: split, runner)
     hp_s = {k: split if a == 0 else whole for k, a in hp_axes.items()}
     return jax.jit(fn, donate_argnums=0, in_shardings=(runner_s, hp_s, whole), out_shardings=(runner_s, split)
-                   ).lower(runner, hp, jnp.zeros((), jnp.int32)).compile(options)
+                   ).lower(runner, hp, jnp.zeros((), jnp.int32))
 
 
 def _platform(mesh) -> str:
@@ -227,19 +228,24 @@ def run_group(cfgs: list, progress=None, ckpt_dir: str | None = None, compile_on
     t0 = time.perf_counter()
     hits0 = runtime.counts()["hits"]
     init_fn = batched(program.init, keys.shape[0], (0, hp_axes))
-    options = init_options(_platform(mesh))
     if mesh is None:
-        init = jax.jit(init_fn).lower(keys, hp).compile(options)
+        init_lowered = jax.jit(init_fn).lower(keys, hp)
     else:
         split, whole = parallel.shardings(mesh)
         hp_s = {k: split if a == 0 else whole for k, a in hp_axes.items()}
         out_s = jax.tree.map(lambda _: split, jax.eval_shape(init_fn, keys, hp))
-        init = jax.jit(init_fn, in_shardings=(split, hp_s), out_shardings=out_s).lower(keys, hp).compile(options)
+        init_lowered = jax.jit(init_fn, in_shardings=(split, hp_s), out_shardings=out_s).lower(keys, hp)
+    # XLA compiles without holding the GIL: the init function compiles in a second thread while
+    # this one traces and lowers the chunk function for the runner's shapes (Python work).
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        init = pool.submit(init_lowered.compile, init_options(_platform(mesh)))
+        chunk = lower_chunk(program, lay, init_lowered.out_info, hp, hp_axes, mesh)
+        init = init.result()
     runner = init(keys, hp)
     prepare = loop_hook(cfg0, "prepare")
     if prepare is not None:  # e.g. parameters from earlier runs (agent.init_from)
         runner = prepare(runner, cfgs)
-    chunk = compile_chunk(program, lay, runner, hp, hp_axes, mesh)
+    chunk = chunk.compile(runtime.compiler_options(_platform(mesh)))
     compile_s = time.perf_counter() - t0
     cache_hits = runtime.counts()["hits"] - hits0
     if compile_only:
