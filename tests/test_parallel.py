@@ -84,12 +84,14 @@ def test_a_bad_cpu_device_count_is_one_error_line(tmp_path):
 def test_fast_compile_uses_the_older_cpu_emitters_and_gives_the_same_metrics(reference, tmp_path, monkeypatch):
     from rlstop.train import runtime
 
+    o2 = {"xla_backend_optimization_level": 2}
     monkeypatch.delenv("RLSTOP_FAST_COMPILE", raising=False)
-    assert runtime.compiler_options("cpu") is None
+    assert runtime.compiler_options("cpu") == o2
+    assert runtime.compiler_options("cpu", always_fast=True) == {**o2, "xla_cpu_use_fusion_emitters": False}
     monkeypatch.setenv("RLSTOP_FAST_COMPILE", "1")
-    assert runtime.compiler_options("cpu") == {"xla_cpu_use_fusion_emitters": False}
+    assert runtime.compiler_options("cpu") == {**o2, "xla_cpu_use_fusion_emitters": False}
     assert runtime.compiler_options("gpu") is None
     assert main([*ARGS, "--out", str(tmp_path), "--quiet"]) == 0
     assert_same_metrics(reference, pd.read_csv(tmp_path / "dqn_cartpole" / "metrics.csv"))
     monkeypatch.setenv("RLSTOP_FAST_COMPILE", "off")
-    assert runtime.compiler_options("cpu") is None
+    assert runtime.compiler_options("cpu") == o2

@@ -28,7 +28,14 @@
    its backend starts: in a process where JAX has already computed something, the count it
    started with stays.
 
-4. ``$RLSTOP_FAST_COMPILE=1``: the scan loop's chunk function also compiles with XLA CPU's older
+4. LLVM at -O2 for the compiled loop (``xla_backend_optimization_level=2``; XLA's default is 3).
+   XLA CPU spends most of a compile in LLVM, and on these programs -O3's extra passes buy no
+   speed. CartPole, first compiles of one seed (medians of 5, interleaved with -O3): DQN 3.14 ->
+   2.97 s, PPO 4.59 -> 4.17 s; run times (medians of 4) DQN 7.60 -> 7.78 s, PPO 3.90 -> 3.87 s;
+   16 seeds (one run each): compile DQN 5.31 -> 4.74 s, PPO 8.08 -> 6.10 s, run DQN 36.6 ->
+   37.1 s, PPO 43.2 -> 34.3 s. Results differ from -O3's in float rounding.
+
+   ``$RLSTOP_FAST_COMPILE=1``: the scan loop's chunk function also compiles with XLA CPU's older
    fusion emitters (``xla_cpu_use_fusion_emitters=false``; the init function always does, see
    ``rlstop.train.driver``). Off by default: compiles are ~30% shorter, but the code they give
    can be slower. One-seed CartPole DQN: compile 3.2 -> 2.3 s, run 6.8 -> 7.7 s (metrics bit-identical);
@@ -57,7 +64,9 @@ from rlstop.errors import UserError
 ENV = "RLSTOP_COMPILATION_CACHE"
 DEVICES_ENV = "RLSTOP_CPU_DEVICES"
 FAST_COMPILE_ENV = "RLSTOP_FAST_COMPILE"
-OLDER_EMITTERS = {"cpu": {"xla_cpu_use_fusion_emitters": False}}  # XLA options, by platform
+# XLA compile options, by platform: always (4), and with fast compiles.
+DEFAULT_OPTIONS = {"cpu": {"xla_backend_optimization_level": 2}}
+OLDER_EMITTERS = {"cpu": {"xla_cpu_use_fusion_emitters": False}}
 OFF = {"off", "0", "false", "no", "none"}
 
 _state = {"dir": None, "configured": False, "hits": 0, "misses": 0}
@@ -133,10 +142,12 @@ def configure() -> str | None:
 
 
 def compiler_options(platform: str, *, always_fast: bool = False) -> dict | None:
-    """XLA options for compiling a function for ``platform``: the older CPU fusion emitters when
-    ``always_fast`` (a function that runs once) or ``$RLSTOP_FAST_COMPILE`` is on; else None."""
+    """XLA options for compiling a function for ``platform`` (None: XLA's defaults): LLVM at -O2 on
+    CPU, plus the older CPU fusion emitters when ``always_fast`` (a function that runs once) or
+    ``$RLSTOP_FAST_COMPILE`` is on."""
     fast = always_fast or os.environ.get(FAST_COMPILE_ENV, "").strip().lower() not in ("", *OFF)
-    return OLDER_EMITTERS.get(platform) if fast else None
+    options = {**DEFAULT_OPTIONS.get(platform, {}), **(OLDER_EMITTERS.get(platform, {}) if fast else {})}
+    return options or None
 
 
 def counts() -> dict:
