@@ -233,8 +233,7 @@ def run_group(cfgs: list, progress=None, ckpt_dir: str | None = None, compile_on
     else:
         split, whole = parallel.shardings(mesh)
         hp_s = {k: split if a == 0 else whole for k, a in hp_axes.items()}
-        out_s = jax.tree.map(lambda _: split, jax.eval_shape(init_fn, keys, hp))
-        init_lowered = jax.jit(init_fn, in_shardings=(split, hp_s), out_shardings=out_s).lower(keys, hp)
+        init_lowered = jax.jit(init_fn, in_shardings=(split, hp_s), out_shardings=split).lower(keys, hp)
     # XLA compiles without holding the GIL: the init function compiles in a second thread while
     # this one traces and lowers the chunk function for the runner's shapes (Python work).
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
