@@ -175,11 +175,9 @@ def lower_chunk(program: Program, lay: Layout, runner, hp, hp_axes, mesh=None):
     fn = batched(chunk, batch, (0, hp_axes, None))
     if mesh is None:
         return jax.jit(fn, donate_argnums=0).lower(runner, hp, jnp.zeros((), jnp.int32))
-    split, whole = parallel.shardings(mesh)
-    runner_s = jax.tree.map(lambda _: split, runner)
-    hp_s = {k: split if a == 0 else whole for k, a in hp_axes.items()}
-    return jax.jit(fn, donate_argnums=0, in_shardings=(runner_s, hp_s, whole), out_shardings=(runner_s, split)
-                   ).lower(runner, hp, jnp.zeros((), jnp.int32))
+    split, whole = parallel.shardings(mesh)  # ``split``: the whole runner, as a pytree prefix
+    return jax.jit(fn, donate_argnums=0, in_shardings=(split, parallel.hp_shardings(mesh, hp_axes), whole),
+                   out_shardings=split).lower(runner, hp, jnp.zeros((), jnp.int32))
 
 
 def _platform(mesh) -> str:
@@ -231,9 +229,9 @@ def run_group(cfgs: list, progress=None, ckpt_dir: str | None = None, compile_on
     if mesh is None:
         init_lowered = jax.jit(init_fn).lower(keys, hp)
     else:
-        split, whole = parallel.shardings(mesh)
-        hp_s = {k: split if a == 0 else whole for k, a in hp_axes.items()}
-        init_lowered = jax.jit(init_fn, in_shardings=(split, hp_s), out_shardings=split).lower(keys, hp)
+        split = parallel.shardings(mesh)[0]
+        init_lowered = jax.jit(init_fn, in_shardings=(split, parallel.hp_shardings(mesh, hp_axes)),
+                               out_shardings=split).lower(keys, hp)
     # XLA compiles without holding the GIL: the init function compiles in a second thread while
     # this one traces and lowers the chunk function for the runner's shapes (Python work).
     with concurrent.futures.ThreadPoolExecutor(1) as pool:

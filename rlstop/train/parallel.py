@@ -85,17 +85,23 @@ def shardings(mesh: Mesh):
     return NamedSharding(mesh, P("batch")), NamedSharding(mesh, P())
 
 
+def hp_shardings(mesh: Mesh, hp_axes: dict) -> dict:
+    """Per hyper-parameter: split where it varies across the batch (axis 0), else replicated."""
+    split, whole = shardings(mesh)
+    return {k: split if a == 0 else whole for k, a in hp_axes.items()}
+
+
 def place(keys, hp: dict, hp_axes: dict, mesh: Mesh | None):
     """Batched inputs split over the mesh, shared ones replicated (global arrays on every process)."""
     if mesh is None:
         return keys, hp
-    split, whole = NamedSharding(mesh, P("batch")), NamedSharding(mesh, P())
 
     def put(x, sharding):
         x = np.asarray(x)
         return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
-    return put(keys, split), {k: put(v, split if hp_axes[k] == 0 else whole) for k, v in hp.items()}
+    hp_s = hp_shardings(mesh, hp_axes)
+    return put(keys, shardings(mesh)[0]), {k: put(v, hp_s[k]) for k, v in hp.items()}
 
 
 def fetch(tree):
