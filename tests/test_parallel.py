@@ -95,3 +95,19 @@ def test_fast_compile_uses_the_older_cpu_emitters_and_gives_the_same_metrics(ref
     assert_same_metrics(reference, pd.read_csv(tmp_path / "dqn_cartpole" / "metrics.csv"))
     monkeypatch.setenv("RLSTOP_FAST_COMPILE", "off")
     assert runtime.compiler_options("cpu") == o2
+
+
+def test_backend_options_go_to_xla_flags_unless_the_user_gave_their_own(monkeypatch):
+    from rlstop.train import runtime
+
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    runtime._set_backend_options()
+    assert os.environ["XLA_FLAGS"] == "--xla_backend_extra_options=xla_cpu_disable_tiled_emitter=true"
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+    runtime._set_backend_options()
+    assert os.environ["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=4",
+                                               "--xla_backend_extra_options=xla_cpu_disable_tiled_emitter=true"]
+    own = "--xla_backend_extra_options=xla_cpu_disable_loop_unrolling=true"
+    monkeypatch.setenv("XLA_FLAGS", own)
+    runtime._set_backend_options()
+    assert os.environ["XLA_FLAGS"] == own

@@ -35,6 +35,16 @@
    16 seeds (one run each): compile DQN 5.31 -> 4.74 s, PPO 8.08 -> 6.10 s, run DQN 36.6 ->
    37.1 s, PPO 43.2 -> 34.3 s. Results differ from -O3's in float rounding.
 
+   Also without XLA CPU's tiled emitter (``xla_cpu_disable_tiled_emitter``): transposes are
+   emitted by the ordinary loop emitter, which compiles faster and computes the same values, bit
+   for bit (2-seed DQN, PPO and Pendulum runs). First compiles of one CartPole seed (medians of 6,
+   interleaved): DQN 2.99 -> 2.63 s, PPO 4.21 -> 3.96 s; run times within this machine's noise
+   (one PPO seed, medians of 8: 4.0 and 4.1 s; 16 seeds: DQN 36.6 and 37.2 s, PPO 35.5 and
+   35.7 s). It is a backend option, which XLA takes only from ``$XLA_FLAGS``
+   (``--xla_backend_extra_options``) and reads at the process's first compile: ``configure``
+   adds it there unless ``$XLA_FLAGS`` already gives backend options (the user's own win), and
+   in a process that compiled something before ``configure`` it has no effect.
+
    ``$RLSTOP_FAST_COMPILE=1``: the scan loop's chunk function also compiles with XLA CPU's older
    fusion emitters (``xla_cpu_use_fusion_emitters=false``; the init function always does, see
    ``rlstop.train.driver``). Off by default: compiles are ~30% shorter, but the code they give
@@ -66,6 +76,8 @@ DEVICES_ENV = "RLSTOP_CPU_DEVICES"
 FAST_COMPILE_ENV = "RLSTOP_FAST_COMPILE"
 # XLA compile options, by platform: always (4), and with fast compiles.
 DEFAULT_OPTIONS = {"cpu": {"xla_backend_optimization_level": 2}}
+# XLA backend options (4), which XLA reads from $XLA_FLAGS only.
+BACKEND_OPTIONS = "xla_cpu_disable_tiled_emitter=true"
 OLDER_EMITTERS = {"cpu": {"xla_cpu_use_fusion_emitters": False}}
 OFF = {"off", "0", "false", "no", "none"}
 
@@ -112,6 +124,13 @@ def _set_cpu_devices(jax) -> None:
         pass
 
 
+def _set_backend_options() -> None:
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_backend_extra_options" in flags:  # the user's own backend options win
+        return
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_backend_extra_options={BACKEND_OPTIONS}".strip()
+
+
 def configure() -> str | None:
     """Apply these settings to this process (idempotent); return the cache folder, or None when
     the cache is off or its folder cannot be created (a run then simply compiles)."""
@@ -119,6 +138,7 @@ def configure() -> str | None:
         return _state["dir"]
     _state["configured"] = True
     gc.set_threshold(50_000, 50, 100)  # first: the imports below allocate too
+    _set_backend_options()  # before anything compiles: XLA reads $XLA_FLAGS once
     import jax
     from jax import monitoring
 
