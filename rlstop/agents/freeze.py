@@ -33,7 +33,9 @@ and every loaded parameter must have the shape the new config gives it.
 from __future__ import annotations
 
 import os
+from typing import Any
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -137,6 +139,19 @@ def drift(params, initial, names) -> dict:
     if len(names) > 1:
         out.update({f"frozen_param_drift/{n}": optim.global_norm(diff["params"][n]) for n in names})
     return out
+
+
+def runner_with_initial(runner_cls):
+    """``runner_cls`` (a loop's ``flax.struct`` runner) with one more field, ``frozen0``: the frozen
+    sub-trees' values at the start of the run (``drift``). A subclass, so that runs without
+    ``agent.freeze`` keep the state (and checkpoints) they had."""
+
+    @flax.struct.dataclass
+    class FrozenRunner(runner_cls):
+        frozen0: Any
+
+    FrozenRunner.__module__ = runner_cls.__module__
+    return FrozenRunner
 
 
 def metric_names(names) -> tuple[str, ...]:

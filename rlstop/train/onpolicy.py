@@ -35,12 +35,7 @@ class Runner:
     key: jax.Array
 
 
-@flax.struct.dataclass
-class FrozenRunner(Runner):
-    """A runner that also keeps the frozen sub-trees' initial values (``frozen_param_drift``).
-    A subclass, so that runs without ``agent.freeze`` keep the state (and checkpoints) they had."""
-
-    frozen0: Any
+FrozenRunner = freeze.runner_with_initial(Runner)
 
 
 def make_program(cfg, env, varying: frozenset = frozenset()) -> Program:
