@@ -200,7 +200,8 @@ def _window_mean(returns: list) -> float:
 
 
 def _aot(fn, *args, donate=()):
-    return jax.jit(fn, donate_argnums=donate).lower(*args).compile()
+    """``fn`` compiled ahead of time for ``args``, with the scan loop's XLA options (``runtime``)."""
+    return jax.jit(fn, donate_argnums=donate).lower(*args).compile(runtime.compiler_options(jax.default_backend()))
 
 
 def _abstract(tree):
