@@ -43,7 +43,8 @@
    35.7 s). It is a backend option, which XLA takes only from ``$XLA_FLAGS``
    (``--xla_backend_extra_options``) and reads at the process's first compile: ``configure``
    adds it there unless ``$XLA_FLAGS`` already gives backend options (the user's own win), and
-   in a process that compiled something before ``configure`` it has no effect.
+   in a process that compiled something before ``configure`` it has no effect. Other backends
+   ignore it (XLA hands LLVM only the backend options whose names do not start with ``xla_``).
 
    ``$RLSTOP_FAST_COMPILE=1``: the scan loop's chunk function also compiles with XLA CPU's older
    fusion emitters (``xla_cpu_use_fusion_emitters=false``; the init function always does, see
