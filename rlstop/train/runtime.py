@@ -77,9 +77,9 @@ DEVICES_ENV = "RLSTOP_CPU_DEVICES"
 FAST_COMPILE_ENV = "RLSTOP_FAST_COMPILE"
 # XLA compile options, by platform: always (4), and with fast compiles.
 DEFAULT_OPTIONS = {"cpu": {"xla_backend_optimization_level": 2}}
+OLDER_EMITTERS = {"cpu": {"xla_cpu_use_fusion_emitters": False}}
 # XLA backend options (4), which XLA reads from $XLA_FLAGS only.
 BACKEND_OPTIONS = "xla_cpu_disable_tiled_emitter=true"
-OLDER_EMITTERS = {"cpu": {"xla_cpu_use_fusion_emitters": False}}
 OFF = {"off", "0", "false", "no", "none"}
 
 _state = {"dir": None, "configured": False, "hits": 0, "misses": 0}
