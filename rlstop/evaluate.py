@@ -51,7 +51,7 @@ def main(run_dir: str, episodes: int, gif: str | None) -> dict:
     program = driver.make_program(cfg_eval, env, driver.varying_keys(axes))
     keys = jax.vmap(lambda k: jax.random.fold_in(k, 0xE7A1))(driver.batch_keys([cfg]))
     evaluate = jax.jit(driver.batched(program.evaluate, keys.shape[0], (0, 0, axes)))
-    returns = np.asarray(evaluate(runner, keys, hp)).reshape(-1)
+    returns = np.asarray(evaluate(runner.agent.params, keys, hp)).reshape(-1)
     seeds = [cfg.train.seed + i for i in range(cfg.train.seeds)]
     for s, r in zip(seeds, returns):
         print(f"seed {s}: mean greedy return over {episodes} episodes = {r:.2f}")

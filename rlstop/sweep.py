@@ -136,6 +136,7 @@ def summarise(run: Run, res, i: int) -> dict:
         "overrides": run.overrides,
         "wall_s": res.wall_s,
         "compile_s": res.compile_s,
+        "eval_compile_s": res.eval_compile_s,
         "compile_cache_hits": res.compile_cache_hits,
         "env_steps_per_s": res.env_steps_per_s,
         "batch": sum(c.train.seeds for c in res.cfgs),

@@ -311,3 +311,26 @@ def test_init_compiled_with_the_older_cpu_emitters_gives_the_same_state(path):
     default = lowered.compile()(keys, hp)
     for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(default)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_evaluation_compiled_apart_scores_the_parameters_at_each_periods_end():
+    """The driver evaluates after each chunk, with a function of its own compiled in a second
+    thread: the last eval_return must be the greedy return of the final parameters, with the
+    key the loop derives from the final state."""
+    from rlstop.envs import make_env
+    from rlstop.train import driver
+    from tests.conftest import TINY_DQN
+
+    cfg = config_lib.load_config("configs/dqn_cartpole.yaml", TINY_DQN + ["train.seeds=2", "train.eval_every=1000"])
+    res = driver.run_group([cfg])
+    assert res.eval_compile_s > 0
+    env = make_env(cfg.env)
+    hp, axes = driver.batch_hparams([cfg])
+    program = driver.make_program(cfg, env, driver.varying_keys(axes))
+    runner = res.runner
+    keys = jax.vmap(lambda k: jax.random.fold_in(k, 0x5EED))(runner.key)
+    direct = jax.jit(jax.vmap(program.evaluate, in_axes=(0, 0, axes)))(runner.agent.params, keys, hp)
+    df = res.metrics[0]
+    last = df[df.env_steps == df.env_steps.max()].sort_values("seed")
+    assert df["eval_return"].notna().sum() == 2 * 2  # two periods, two seeds
+    np.testing.assert_allclose(last["eval_return"].to_numpy(), np.asarray(direct), rtol=1e-6)

@@ -14,7 +14,8 @@ class Program(NamedTuple):
     block(runner, hp) -> (runner, metrics)    advance ``steps_per_block`` env steps; metrics are scalars
                                               (with ``timed``: block(runner, hp, t), t the block index,
                                               the same for the whole batch and so unbatched under vmap)
-    evaluate(runner, key, hp) -> scalar       mean greedy return over eval episodes (None: no evaluation)
+    evaluate(params, key, hp) -> scalar       mean greedy return over eval episodes of the agent with
+                                              ``runner.agent.params`` (None: no evaluation)
     """
 
     init: Callable

@@ -5,13 +5,17 @@ axis is (run, seed): every traced value (switches, learning rate, gamma, ...) is
 that leading axis, so one compiled function trains all of them at once.
 
 The run is cut into chunks of whole evaluation periods; each chunk is one call of the same
-compiled function, so metrics and the progress bar stream out between calls.
+compiled function, so metrics and the progress bar stream out between calls. The greedy
+evaluation at the end of each period is a second compiled function, called after each chunk on
+the parameters the chunk returns. It compiles in a second thread while the first chunk runs, so
+a run starts training as soon as the chunk function is compiled.
 """
 from __future__ import annotations
 
 import concurrent.futures
 import importlib
 import inspect
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -134,6 +138,7 @@ class GroupResult:
     resumed_from: int = 0        # env steps restored from a checkpoint (0: a fresh start)
     compile_cache_hits: int = 0  # executables loaded from the persistent compilation cache
     devices: int = 1             # devices the batch was split over
+    eval_compile_s: float = 0.0  # the evaluation's compile (not in compile_s: it overlaps the first chunk)
 
 
 def batched(fn, batch: int, in_axes):
@@ -152,7 +157,11 @@ def batched(fn, batch: int, in_axes):
 
 
 def lower_chunk(program: Program, lay: Layout, runner, hp, hp_axes, mesh=None):
-    """The chunk function, traced and lowered for ``runner`` (arrays, or their ``ShapeDtypeStruct``s)."""
+    """The chunk function, traced and lowered for ``runner`` (arrays, or their ``ShapeDtypeStruct``s).
+
+    Per evaluation period it returns the block metrics and what the evaluation reads: the
+    parameters at the period's end and the evaluation's key (``None`` for programs without one).
+    The evaluation itself is a function of its own (``lower_evaluate``)."""
     blocks_per_chunk = lay.blocks_per_eval * lay.periods_per_chunk
 
     def chunk(runner, hp, c):
@@ -165,9 +174,8 @@ def lower_chunk(program: Program, lay: Layout, runner, hp, hp_axes, mesh=None):
             js = p * lay.blocks_per_eval + jnp.arange(lay.blocks_per_eval)
             runner, m = jax.lax.scan(block, runner, js)
             if program.evaluate is None:
-                return runner, (m, jnp.zeros(()))
-            ev = program.evaluate(runner, jax.random.fold_in(runner.key, 0x5EED), hp)
-            return runner, (m, ev)
+                return runner, (m, None)
+            return runner, (m, (runner.agent.params, jax.random.fold_in(runner.key, 0x5EED)))
 
         return jax.lax.scan(period, runner, jnp.arange(lay.periods_per_chunk))
 
@@ -178,6 +186,22 @@ def lower_chunk(program: Program, lay: Layout, runner, hp, hp_axes, mesh=None):
     split, whole = parallel.shardings(mesh)  # ``split``: the whole runner, as a pytree prefix
     return jax.jit(fn, donate_argnums=0, in_shardings=(split, parallel.hp_shardings(mesh, hp_axes), whole),
                    out_shardings=split).lower(runner, hp, jnp.zeros((), jnp.int32))
+
+
+def lower_evaluate(program: Program, inputs, hp, hp_axes, mesh=None):
+    """The evaluation of a chunk's periods (all at once), traced and lowered for ``inputs``: the
+    (parameters, key) per period that the chunk returns, [batch, periods, ...]."""
+    def evaluate(inputs, hp):
+        params, keys = inputs
+        return jax.vmap(lambda p, k: program.evaluate(p, k, hp))(params, keys)
+
+    batch = jax.tree.leaves(inputs)[0].shape[0]
+    fn = batched(evaluate, batch, (0, hp_axes))
+    if mesh is None:
+        return jax.jit(fn).lower(inputs, hp)
+    split = parallel.shardings(mesh)[0]
+    return jax.jit(fn, in_shardings=(split, parallel.hp_shardings(mesh, hp_axes)),
+                   out_shardings=split).lower(inputs, hp)
 
 
 def _platform(mesh) -> str:
@@ -234,19 +258,41 @@ def run_group(cfgs: list, progress=None, ckpt_dir: str | None = None, compile_on
                                out_shardings=split).lower(keys, hp)
     # XLA compiles without holding the GIL: the init function compiles in a second thread while
     # this one traces and lowers the chunk function for the runner's shapes (Python work).
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        init = pool.submit(init_lowered.compile, init_options(_platform(mesh)))
-        chunk = lower_chunk(program, lay, init_lowered.out_info, hp, hp_axes, mesh)
-        init = init.result()
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    init = pool.submit(init_lowered.compile, init_options(_platform(mesh)))
+    chunk = lower_chunk(program, lay, init_lowered.out_info, hp, hp_axes, mesh)
+    init = init.result()
     runner = init(keys, hp)
     prepare = loop_hook(cfg0, "prepare")
     if prepare is not None:  # e.g. parameters from earlier runs (agent.init_from)
         runner = prepare(runner, cfgs)
-    chunk = chunk.compile(runtime.compiler_options(_platform(mesh)))
+    options = runtime.compiler_options(_platform(mesh))
+    # The evaluation is lowered in the second thread while this one compiles the chunk (XLA holds
+    # no GIL), then compiled there once the chunk is, while the first chunk runs: it is first
+    # needed at that chunk's end, and compiling it alongside the chunk would slow the chunk's.
+    chunk_done = threading.Event()
+    chunk_ok = []
+
+    def compile_evaluate():
+        lowered = lower_evaluate(program, chunk.out_info[1][1], hp, hp_axes, mesh)
+        chunk_done.wait()
+        if not chunk_ok:
+            return None, 0.0
+        t = time.perf_counter()
+        return lowered.compile(options), time.perf_counter() - t
+
+    evaluate_future = pool.submit(compile_evaluate) if program.evaluate is not None else None
+    try:
+        chunk = chunk.compile(options)
+        chunk_ok.append(True)
+    finally:
+        chunk_done.set()
     compile_s = time.perf_counter() - t0
-    cache_hits = runtime.counts()["hits"] - hits0
     if compile_only:
-        return GroupResult(cfgs, [], [], [], time.perf_counter() - t0, compile_s, 0.0, 1, compile_cache_hits=cache_hits)
+        eval_compile_s = evaluate_future.result()[1] if evaluate_future else 0.0
+        pool.shutdown()
+        return GroupResult(cfgs, [], [], [], time.perf_counter() - t0, compile_s, 0.0, 1,
+                           compile_cache_hits=runtime.counts()["hits"] - hits0, eval_compile_s=eval_compile_s)
 
     rows, evals, start_chunk = [], [], 0
     ckpt = checkpoints.GroupCheckpoint(ckpt_dir, cfgs) if ckpt_dir and not multihost else None
@@ -259,8 +305,14 @@ def run_group(cfgs: list, progress=None, ckpt_dir: str | None = None, compile_on
     every = cfg0.train.checkpoint_every
     if progress is not None and start_chunk:
         progress(start_chunk * lay.steps_per_chunk, total)
+    evaluate = None
     for i in range(start_chunk, lay.num_chunks):
-        runner, (m, ev) = chunk(runner, hp, jnp.asarray(i, jnp.int32))
+        runner, (m, ev_in) = chunk(runner, hp, jnp.asarray(i, jnp.int32))
+        if evaluate_future is None:
+            ev = jnp.zeros((batch, lay.periods_per_chunk))
+        else:
+            evaluate = evaluate or evaluate_future.result()[0]
+            ev = evaluate(ev_in, hp)
         m, ev = parallel.fetch((m, ev))
         rows.append({k: np.asarray(v)[:batch].reshape(batch, -1) for k, v in m.items()})
         evals.append(np.asarray(ev)[:batch])
@@ -271,6 +323,9 @@ def run_group(cfgs: list, progress=None, ckpt_dir: str | None = None, compile_on
             progress(done, total)
     jax.block_until_ready(runner)
     run_s = time.perf_counter() - t_run
+    pool.shutdown()
+    eval_compile_s = evaluate_future.result()[1] if evaluate_future else 0.0
+    cache_hits = runtime.counts()["hits"] - hits0
     wall_s = time.perf_counter() - t0
 
     metrics = {k: np.concatenate([r[k] for r in rows], axis=1) for k in rows[0]} if rows else {}
@@ -304,7 +359,7 @@ def run_group(cfgs: list, progress=None, ckpt_dir: str | None = None, compile_on
     return GroupResult(cfgs, out_metrics, div_steps, nonfin, wall_s, compile_s,
                        env_steps / max(run_s, 1e-9), 1, extras, program.value_metric, bounds,
                        final_runner, start_chunk * lay.steps_per_chunk, cache_hits,
-                       mesh.devices.size if mesh is not None else 1)
+                       mesh.devices.size if mesh is not None else 1, eval_compile_s)
 
 
 def run_table(cfg, m: dict, steps: np.ndarray, value_metric: str, bound: float):

@@ -118,8 +118,7 @@ def make_program(cfg, env, varying: frozenset = frozenset()) -> Program:
             out.update(freeze.drift(runner.agent.params, runner.frozen0, a.freeze))
         return runner, out
 
-    def evaluate(runner: Runner, key, hp):
-        params = runner.agent.params
+    def evaluate(params, key, hp):
         return greedy_returns(env, lambda obs: agent.greedy(params, obs), key, t.eval_episodes)
 
     return Program(init, block, evaluate, t.log_every, "q_max_abs", METRICS + freeze.metric_names(a.freeze),
