@@ -102,12 +102,12 @@ def test_backend_options_go_to_xla_flags_unless_the_user_gave_their_own(monkeypa
 
     monkeypatch.delenv("XLA_FLAGS", raising=False)
     runtime._set_backend_options()
-    assert os.environ["XLA_FLAGS"] == "--xla_backend_extra_options=xla_cpu_disable_tiled_emitter=true"
+    ours = "--xla_backend_extra_options=xla_cpu_disable_tiled_emitter=true,xla_cpu_disable_loop_unrolling=true"
+    assert os.environ["XLA_FLAGS"] == ours
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
     runtime._set_backend_options()
-    assert os.environ["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=4",
-                                               "--xla_backend_extra_options=xla_cpu_disable_tiled_emitter=true"]
-    own = "--xla_backend_extra_options=xla_cpu_disable_loop_unrolling=true"
+    assert os.environ["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=4", ours]
+    own = "--xla_backend_extra_options=xla_cpu_disable_tiled_emitter=false"
     monkeypatch.setenv("XLA_FLAGS", own)
     runtime._set_backend_options()
     assert os.environ["XLA_FLAGS"] == own
