@@ -311,7 +311,8 @@ def run_group(cfgs: list, progress=None, ckpt_dir: str | None = None, compile_on
         if evaluate_future is None:
             ev = jnp.zeros((batch, lay.periods_per_chunk))
         else:
-            evaluate = evaluate or evaluate_future.result()[0]
+            if evaluate is None:
+                evaluate = evaluate_future.result()[0]
             ev = evaluate(ev_in, hp)
         m, ev = parallel.fetch((m, ev))
         rows.append({k: np.asarray(v)[:batch].reshape(batch, -1) for k, v in m.items()})
