@@ -181,11 +181,7 @@ def lower_chunk(program: Program, lay: Layout, runner, hp, hp_axes, mesh=None):
 
     batch = jax.tree.leaves(runner)[0].shape[0]
     fn = batched(chunk, batch, (0, hp_axes, None))
-    if mesh is None:
-        return jax.jit(fn, donate_argnums=0).lower(runner, hp, jnp.zeros((), jnp.int32))
-    split, whole = parallel.shardings(mesh)  # ``split``: the whole runner, as a pytree prefix
-    return jax.jit(fn, donate_argnums=0, in_shardings=(split, parallel.hp_shardings(mesh, hp_axes), whole),
-                   out_shardings=split).lower(runner, hp, jnp.zeros((), jnp.int32))
+    return _lower(fn, (runner, hp, jnp.zeros((), jnp.int32)), hp_axes, mesh, donate=True)
 
 
 def lower_evaluate(program: Program, inputs, hp, hp_axes, mesh=None):
@@ -196,12 +192,20 @@ def lower_evaluate(program: Program, inputs, hp, hp_axes, mesh=None):
         return jax.vmap(lambda p, k: program.evaluate(p, k, hp))(params, keys)
 
     batch = jax.tree.leaves(inputs)[0].shape[0]
-    fn = batched(evaluate, batch, (0, hp_axes))
+    return _lower(batched(evaluate, batch, (0, hp_axes)), (inputs, hp), hp_axes, mesh)
+
+
+def _lower(fn, args, hp_axes, mesh, donate: bool = False):
+    """``fn(batched, hp, *rest)`` jitted and lowered for ``args``. Over a mesh, the first argument
+    and the output are split along the batch axis (as a pytree prefix), ``hp`` as
+    ``parallel.hp_shardings`` says, and the rest replicated. ``donate``: the first argument's
+    buffers are reused for the output."""
+    donate_argnums = (0,) if donate else ()
     if mesh is None:
-        return jax.jit(fn).lower(inputs, hp)
-    split = parallel.shardings(mesh)[0]
-    return jax.jit(fn, in_shardings=(split, parallel.hp_shardings(mesh, hp_axes)),
-                   out_shardings=split).lower(inputs, hp)
+        return jax.jit(fn, donate_argnums=donate_argnums).lower(*args)
+    split, whole = parallel.shardings(mesh)
+    in_shardings = (split, parallel.hp_shardings(mesh, hp_axes)) + (whole,) * (len(args) - 2)
+    return jax.jit(fn, donate_argnums=donate_argnums, in_shardings=in_shardings, out_shardings=split).lower(*args)
 
 
 def _platform(mesh) -> str:
@@ -249,13 +253,7 @@ def run_group(cfgs: list, progress=None, ckpt_dir: str | None = None, compile_on
 
     t0 = time.perf_counter()
     hits0 = runtime.counts()["hits"]
-    init_fn = batched(program.init, keys.shape[0], (0, hp_axes))
-    if mesh is None:
-        init_lowered = jax.jit(init_fn).lower(keys, hp)
-    else:
-        split = parallel.shardings(mesh)[0]
-        init_lowered = jax.jit(init_fn, in_shardings=(split, parallel.hp_shardings(mesh, hp_axes)),
-                               out_shardings=split).lower(keys, hp)
+    init_lowered = _lower(batched(program.init, keys.shape[0], (0, hp_axes)), (keys, hp), hp_axes, mesh)
     # XLA compiles without holding the GIL: the init function compiles in a second thread while
     # this one traces and lowers the chunk function for the runner's shapes (Python work).
     pool = concurrent.futures.ThreadPoolExecutor(1)
