@@ -280,6 +280,13 @@ def run_group(cfgs: list, progress=None, ckpt_dir: str | None = None, compile_on
         return lowered.compile(options), time.perf_counter() - t
 
     evaluate_future = pool.submit(compile_evaluate) if program.evaluate is not None else None
+
+    def finish_evaluate_compile() -> float:
+        """Close the second thread (done, or done soon: the chunk has compiled or failed) and
+        return the evaluation's compile time."""
+        pool.shutdown()
+        return evaluate_future.result()[1] if evaluate_future else 0.0
+
     try:
         chunk = chunk.compile(options)
         chunk_ok.append(True)
@@ -287,8 +294,7 @@ def run_group(cfgs: list, progress=None, ckpt_dir: str | None = None, compile_on
         chunk_done.set()
     compile_s = time.perf_counter() - t0
     if compile_only:
-        eval_compile_s = evaluate_future.result()[1] if evaluate_future else 0.0
-        pool.shutdown()
+        eval_compile_s = finish_evaluate_compile()
         return GroupResult(cfgs, [], [], [], time.perf_counter() - t0, compile_s, 0.0, 1,
                            compile_cache_hits=runtime.counts()["hits"] - hits0, eval_compile_s=eval_compile_s)
 
@@ -322,8 +328,7 @@ def run_group(cfgs: list, progress=None, ckpt_dir: str | None = None, compile_on
             progress(done, total)
     jax.block_until_ready(runner)
     run_s = time.perf_counter() - t_run
-    pool.shutdown()
-    eval_compile_s = evaluate_future.result()[1] if evaluate_future else 0.0
+    eval_compile_s = finish_evaluate_compile()
     cache_hits = runtime.counts()["hits"] - hits0
     wall_s = time.perf_counter() - t0
 
