@@ -267,17 +267,18 @@ def test_two_seeds_have_different_initial_parameters():
     assert not np.allclose(k0[0], k0[1])
 
 
+@pytest.mark.parametrize("m", [6, 2])  # wider than the input (x^T copied) and narrower (g^T copied)
 @pytest.mark.parametrize("x_shape", [(5,), (7, 4), (3, 7, 4)])
-def test_dense_matmul_gradients_equal_autodiffs_of_x_at_w(x_shape):
+def test_dense_matmul_gradients_equal_autodiffs_of_x_at_w(x_shape, m):
     """networks.matmul (every Dense layer's product): the values and both gradients of x @ w,
-    plain and vmapped."""
+    plain and vmapped, for a torso-like (m >= n) and a head-like (m < n) kernel."""
     from rlstop.networks import matmul
 
     kx, kw, kg = jax.random.split(jax.random.PRNGKey(3), 3)
     n = x_shape[-1] if len(x_shape) > 1 else 5
     x = jax.random.normal(kx, x_shape if len(x_shape) > 1 else (n,))
-    w = jax.random.normal(kw, (n, 6))
-    g = jax.random.normal(kg, x.shape[:-1] + (6,))
+    w = jax.random.normal(kw, (n, m))
+    g = jax.random.normal(kg, x.shape[:-1] + (m,))
     ours = jax.vjp(matmul, x, w)
     ref = jax.vjp(lambda a, b: a @ b, x, w)
     np.testing.assert_array_equal(ours[0], ref[0])
