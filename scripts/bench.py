@@ -16,6 +16,12 @@ the run time.
     python scripts/bench.py --peer-python /work/rejax-venv/bin/python
     python scripts/bench.py --algos dqn --seeds 1 16
     python scripts/bench.py --scale              # env steps/s as the batch grows: 1 16 256 1024 seeds
+    python scripts/bench.py --algos ppo --seeds 1 --repeat 5   # five interleaved pairs
+
+Run-to-run noise. On a shared 2-core machine one run's time can move by 10-20% from one run to
+the next, more than many of the differences worth measuring. ``--repeat N`` runs N pairs, each
+rlstop's run followed at once by the peer's, so both sides see the same phase of the machine;
+it prints every pair and, per (algorithm, seeds), the median and range of the pairs' ratios.
 
 Settings. DQN: CleanRL's CartPole DQN (500k steps, 1 env, update every 10 steps, batch 128,
 buffer 10k, learning starts 10k, hard target sync every 500 steps, Adam 2.5e-4, epsilon 1 ->
@@ -29,6 +35,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -132,11 +139,16 @@ def main() -> None:
                    help="python of a venv with scripts/peers/rejax-requirements.txt installed ('' to skip)")
     p.add_argument("--scale", action="store_true",
                    help="rlstop only, seeds 1 16 256 1024, shorter runs (about 1M env steps each)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="interleaved rlstop/peer pairs per (algo, seeds) (default 1); the summary gives the "
+                        "median and range of the pairs' ratios")
     p.add_argument("--json", default=None, help="also write all rows to this JSON file")
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     p.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)
     p.add_argument("--compile-only", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.repeat < 1:
+        p.error(f"--repeat {args.repeat}: must be at least 1 (the number of rlstop/peer pairs)")
 
     if args.child:
         print(json.dumps(child(args.child[0], int(args.child[1]), args.set, args.compile_only)))
@@ -150,17 +162,21 @@ def main() -> None:
     rows, ratios = [], []
     for algo in args.algos:
         for seeds in seeds_list:
-            t = time.time()
-            ours = run_rlstop(algo, seeds, SCALE_SETS[algo](seeds) if args.scale else [])
-            rows.append(ours)
-            print(fmt_row(ours), f"  [{time.time() - t:.0f}s]", flush=True)
-            if have_peer:
-                peer = run_peer(args.peer_python, algo, seeds)
-                if peer:
-                    rows.append(peer)
-                    print(fmt_row(peer), flush=True)
-                    ratios.append((algo, seeds, ours["run_s"] / peer["run_s"], ours["compile_s"] / peer["compile_s"],
-                                   (ours["peak_rss_mb"] or 0) / (peer["peak_rss_mb"] or 1)))
+            for rep in range(args.repeat):
+                t = time.time()
+                ours = run_rlstop(algo, seeds, SCALE_SETS[algo](seeds) if args.scale else [])
+                ours["pair"] = rep
+                rows.append(ours)
+                print(fmt_row(ours), f"  [{time.time() - t:.0f}s]", flush=True)
+                if have_peer:
+                    peer = run_peer(args.peer_python, algo, seeds)
+                    if peer:
+                        peer["pair"] = rep
+                        rows.append(peer)
+                        print(fmt_row(peer), flush=True)
+                        ratios.append((algo, seeds, ours["run_s"] / peer["run_s"],
+                                       ours["compile_s"] / peer["compile_s"],
+                                       (ours["peak_rss_mb"] or 0) / (peer["peak_rss_mb"] or 1)))
     print("\n| who | algo | seeds | compile s | compile s, cached | run s | env steps/s | peak RSS MB "
           "| final eval return |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
@@ -171,6 +187,14 @@ def main() -> None:
         print("|---|---:|---:|---:|---:|")
         for algo, seeds, rr, cr, mr in ratios:
             print(f"| {algo} | {seeds} | {rr:.2f} | {cr:.2f} | {mr:.2f} |")
+        if args.repeat > 1:
+            print("\n| algo | seeds | pairs | run time rlstop/rejax: median [min, max] | compile: median |")
+            print("|---|---:|---:|---:|---:|")
+            for key in dict.fromkeys((a, n) for a, n, *_ in ratios):
+                rr = [r[2] for r in ratios if r[:2] == key]
+                cr = [r[3] for r in ratios if r[:2] == key]
+                print(f"| {key[0]} | {key[1]} | {len(rr)} | {statistics.median(rr):.2f} [{min(rr):.2f}, {max(rr):.2f}] "
+                      f"| {statistics.median(cr):.2f} |")
     print(f"load after: {os.getloadavg()[0]:.2f}")
     if args.json:
         with open(args.json, "w") as f:
