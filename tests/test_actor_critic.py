@@ -235,6 +235,38 @@ def test_every_switch_combination_runs_from_one_compile(shared):
     assert len(f.traces) == 1
 
 
+def test_update_in_one_scan_equals_nested_scans_bit_for_bit():
+    """All epochs' minibatches in one scan (a small batch) or a scan per epoch (a batch whose
+    gathered copies would exceed the budget): the same state and metrics, bit for bit."""
+    cfg = ac.ActorCriticConfig(hidden_sizes=[8], num_steps=T, num_epochs=4, num_minibatches=2)
+    flat = ac.ActorCriticAgent(cfg, DISCRETE_ENV, num_envs=B, total_steps=1000)
+    nested = ac.ActorCriticAgent(cfg, DISCRETE_ENV, num_envs=B, total_steps=1000, batch=10 ** 9)
+    hp = ac.hparams(cfg)
+    state = jax.jit(flat.init)(jax.random.PRNGKey(0), hp)
+    rollout = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), make_batch(jax.random.PRNGKey(1)))
+    key = jax.random.PRNGKey(2)
+
+    def scan_lengths(agent):
+        jaxpr = jax.make_jaxpr(agent.update)(state, rollout, key, hp)
+        found = []
+
+        def walk(j):
+            for eqn in j.eqns:
+                if eqn.primitive.name == "scan":
+                    found.append(eqn.params["length"])
+                for sub in jax.core.jaxprs_in_params(eqn.params):
+                    walk(sub)
+        walk(jaxpr.jaxpr)
+        return sorted(found)
+
+    # (T = 6 is the lambda-returns' scan)
+    assert 8 in scan_lengths(flat) and 8 not in scan_lengths(nested)  # 4 x 2 steps in one scan
+    assert {4, 2} <= set(scan_lengths(nested))  # 4 epochs of 2 minibatches
+    outs = [jax.jit(a.update)(state, rollout, key, hp) for a in (flat, nested)]
+    for x, y in zip(*(jax.tree.leaves(o) for o in outs)):
+        np.testing.assert_array_equal(x, y)
+
+
 def test_target_sync_every_period_and_polyak(shared):
     f = shared
     hp = hp_with(f.cfg, target_update_period=2, target_tau=0.5)

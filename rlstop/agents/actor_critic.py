@@ -248,11 +248,17 @@ def next_values(v_obs: jnp.ndarray, v_rows: jnp.ndarray, boot: Bootstrap) -> jnp
 class ActorCriticAgent:
     """Static pieces (network shapes, rollout and minibatch sizes) live on the object; values in ``hp``."""
 
+    # The most memory, in bytes for the whole batch, that ``update`` spends on gathering every
+    # epoch's minibatches before its gradient steps (one scan over them all) instead of one
+    # epoch's at a time (a scan over epochs of scans over minibatches). See ``update``.
+    FLAT_UPDATE_BYTES: ClassVar[int] = 64 << 20
+
     def __init__(self, cfg: ActorCriticConfig, env, num_envs: int, total_steps: int,
-                 varying: frozenset = frozenset()):
+                 varying: frozenset = frozenset(), batch: int = 1):
         self.cfg = cfg
         # The traced values that differ across a vmapped batch; a shared one may choose a branch.
         self.varying = frozenset(varying)
+        self.batch = batch  # runs trained together (vmapped), over all devices
         self.obs_shape = tuple(env.obs_shape)
         self.discrete = bool(getattr(env, "discrete", True))
         if self.discrete:
@@ -431,11 +437,20 @@ class ActorCriticAgent:
         """Learn from one time-major rollout [T, N]: ``num_epochs`` passes, each in
         ``num_minibatches`` minibatches of whole env sequences (shuffled over envs); then a
         target-critic sync if one is due. Returns the state and metrics (per gradient step
-        [epochs, minibatches], and the rollout's values)."""
+        [epochs, minibatches], and the rollout's values).
+
+        The gradient steps run as one ``lax.scan`` over all epochs' minibatches, gathered before
+        it, when those copies of the rollout fit in ``FLAT_UPDATE_BYTES`` for the whole batch;
+        otherwise as a scan over epochs, each gathering its own minibatches for a scan over
+        them. The two give the same results, bit for bit; the single scan is faster on CPU (one
+        PPO CartPole seed, 2 cores: ~5-8%), the nested one holds one copy instead of
+        ``num_epochs``.
+        """
         cfg = self.cfg
         data = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), rollout)  # env-major [N, T, ...]
         n, t = data.reward.shape
         boot = bootstrap_rows(data.final_obs, data.truncated, self.max_bootstrap_rows)
+        data = data.replace(final_obs=None)  # the loss reads the few rows it needs from ``boot``
         # One forward pass of each critic over the rollout: the online values at collection time
         # (value clipping, metrics) and the target critic's bootstrap values V'(s'), which are
         # fixed data for this update: the target parameters only move between updates.
@@ -457,12 +472,18 @@ class ActorCriticAgent:
         # One draw for all epochs' shuffles (each random number generator call site costs compile time).
         perms = jnp.argsort(jax.random.uniform(key, (cfg.num_epochs, n)), axis=1)
 
-        def epoch(state, perm):
-            split = lambda x: x[perm].reshape((cfg.num_minibatches, per_mb) + x.shape[1:])  # noqa: E731
-            mbs = jax.tree.map(split, (data, aux))
+        def gather(perm, groups):  # the minibatches of the shuffles ``perm`` [..., N]
+            return jax.tree.map(lambda x: x[perm].reshape((groups, per_mb) + x.shape[1:]), (data, aux))
+
+        def steps(state, mbs):
             return jax.lax.scan(lambda s, mb: self.gradient_step(s, *mb, hp), state, mbs)
 
-        state, metrics = jax.lax.scan(epoch, state, perms)
+        rollout_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((data, aux)))
+        if self.batch * cfg.num_epochs * rollout_bytes <= self.FLAT_UPDATE_BYTES:
+            state, metrics = steps(state, gather(perms, cfg.num_epochs * cfg.num_minibatches))
+            metrics = jax.tree.map(lambda m: m.reshape((cfg.num_epochs, cfg.num_minibatches) + m.shape[1:]), metrics)
+        else:
+            state, metrics = jax.lax.scan(lambda s, perm: steps(s, gather(perm, cfg.num_minibatches)), state, perms)
         updates = state.updates + 1
         # Polyak step of size tau when a sync is due (tau = 1: hard copy), else unchanged.
         step = jnp.where(jnp.mod(updates, hp["target_update_period"]) == 0, hp["target_tau"], 0.0)

@@ -37,11 +37,14 @@ def agent_module(cfg):
     return importlib.import_module(config_lib.AGENT_MODULES[cfg.agent.kind])
 
 
-def make_program(cfg, env, varying: frozenset = frozenset()) -> Program:
+def make_program(cfg, env, varying: frozenset = frozenset(), batch: int = 1) -> Program:
+    """The loop module's program for ``cfg``. ``varying``: the traced values that differ across
+    the batch; ``batch``: the number of runs trained together (over all devices), for loops
+    that size their buffers by it. Loops take either, both or neither."""
     make = importlib.import_module(LOOPS[cfg.agent.kind]).make_program
-    if "varying" in inspect.signature(make).parameters:
-        return make(cfg, env, varying=varying)
-    return make(cfg, env)
+    params = inspect.signature(make).parameters
+    extra = {k: v for k, v in (("varying", varying), ("batch", batch)) if k in params}
+    return make(cfg, env, **extra)
 
 
 def loop_hook(cfg, name: str):
@@ -240,13 +243,13 @@ def run_group(cfgs: list, progress=None, ckpt_dir: str | None = None, compile_on
         jax.config.update("jax_enable_x64", True)
     env = make_env(cfg0.env)
     hp, hp_axes = batch_hparams(cfgs)
-    program = make_program(cfg0, env, varying_keys(hp_axes))
-    lay = layout(cfg0, program)
     keys = batch_keys(cfgs)
     batch = keys.shape[0]
     # Over several devices (or processes): pad the batch to a multiple of the device count and
     # split it over a mesh; the extra rows are dropped below.
     mesh = parallel.batch_mesh(batch)
+    program = make_program(cfg0, env, varying_keys(hp_axes), parallel.padded_size(batch, mesh))
+    lay = layout(cfg0, program)
     keys, hp = parallel.pad(keys, hp, hp_axes, parallel.padded_size(batch, mesh))
     keys, hp = parallel.place(keys, hp, hp_axes, mesh)
     multihost = jax.process_count() > 1

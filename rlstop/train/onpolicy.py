@@ -2,7 +2,8 @@
 
 An iteration is a rollout of ``agent.num_steps`` vectorised steps of ``env.num_envs`` gymnax envs
 (one ``lax.scan``), then the agent's update on it: ``num_epochs`` x ``num_minibatches`` gradient
-steps, two nested scans. A logging block is ``train.log_every / (num_steps * num_envs)``
+steps (one scan over them, or a scan over epochs of scans over minibatches when the batch is large:
+``ActorCriticAgent.update``). A logging block is ``train.log_every / (num_steps * num_envs)``
 iterations. Nothing here branches per step: there is no ``lax.cond`` to turn into a select.
 
 With ``agent.freeze`` the runner also keeps the frozen parameters as they started
@@ -38,8 +39,10 @@ class Runner:
 FrozenRunner = freeze.runner_with_initial(Runner)
 
 
-def make_program(cfg, env, varying: frozenset = frozenset()) -> Program:
-    """``varying``: the traced values that differ across the vmapped batch (see the driver)."""
+def make_program(cfg, env, varying: frozenset = frozenset(), batch: int = 1) -> Program:
+    """``varying``: the traced values that differ across the vmapped batch (see the driver);
+    ``batch``: the runs trained together, which bounds the memory the agent's update may spend
+    (``ActorCriticAgent.update``)."""
     if getattr(env, "backend", None) != "gymnax":
         raise UserError(f"agent.kind={cfg.agent.kind} runs on gymnax envs; {cfg.env.id!r} is not one "
                         "(try CartPole-v1, Acrobot-v1 or Pendulum-v1)")
@@ -52,7 +55,7 @@ def make_program(cfg, env, varying: frozenset = frozenset()) -> Program:
     if num_envs % a.num_minibatches:
         raise UserError(f"env.num_envs={num_envs} must be a multiple of agent.num_minibatches={a.num_minibatches}")
     iters_per_block = t.log_every // steps_per_iter
-    agent = ActorCriticAgent(a, env, num_envs, t.total_steps, varying)
+    agent = ActorCriticAgent(a, env, num_envs, t.total_steps, varying, batch)
 
     def init(key, hp) -> Runner:
         k_agent, k_env, k_run = jax.random.split(key, 3)
