@@ -85,9 +85,30 @@ class GymnaxEnv:
     def step_with_keys(self, key_step: jax.Array, key_reset: jax.Array, state: Any, action: jnp.ndarray) -> Step:
         """gymnax 1.0's ``step`` (step, then reset where the episode ended) with both keys given,
         so a loop can draw every key of an iteration in one call rather than one split per step."""
+        return self.step_with_reset(key_step, self.reset(key_reset), state, action)
+
+    def step_with_reset(self, key_step: jax.Array, reset: tuple, state: Any, action: jnp.ndarray) -> Step:
+        """``step_with_keys`` with the reset already drawn: ``reset`` is the (obs, state) the
+        episode starts over from if it ends at this step: ``reset(key_reset)``, e.g. drawn ahead
+        for many steps at once (``draw_steps``)."""
         last = self.step_no_reset(key_step, state, action)
         done = jnp.logical_or(last.terminated, last.truncated)
-        obs_re, state_re = self._env.reset_env(key_reset, self.params)
+        obs_re, state_re = reset
         state = jax.tree.map(lambda r, x: jax.lax.select(done, r, x), state_re, last.state)
-        obs = jax.lax.select(done, obs_re.astype(jnp.float32), last.obs)
+        obs = jax.lax.select(done, obs_re, last.obs)
         return last._replace(obs=obs, state=state)
+
+    def draw_steps(self, keys: jax.Array, batch_shape: tuple) -> tuple:
+        """The randomness of ``step`` for a batch of its keys (``batch_shape``, e.g. a whole rollout
+        [T, N]), drawn ahead: each key's step key, and the (obs, state) its env would reset to.
+        ``step_with_reset`` with them is ``step`` with those keys, bit for bit.
+
+        Two random-number calls on the whole batch instead of two per step: on CPU each call is a
+        loop of its own (JAX's threefry), which in a rollout step costs more than the step. The
+        reset draws take about as much memory as the rollout's observations.
+        """
+        flat = keys.reshape((-1,) + keys.shape[len(batch_shape):])
+        pairs = jax.vmap(jax.random.split)(flat)  # [B, 2, ...]: (step, reset), as ``step`` splits
+        resets = jax.vmap(self.reset)(pairs[:, 1])
+        unflat = lambda x: x.reshape(tuple(batch_shape) + x.shape[1:])  # noqa: E731
+        return unflat(pairs[:, 0]), jax.tree.map(unflat, resets)

@@ -67,21 +67,23 @@ def make_program(cfg, env, varying: frozenset = frozenset(), batch: int = 1) -> 
         return Runner(state, env_state, obs, EpisodeStats.init(num_envs), k_run)
 
     def env_step(runner: Runner, xs):
-        env_keys, noise = xs
+        key_step, reset, noise = xs
         action, env_action, logp = agent.act(runner.agent.params, runner.obs, noise)
-        out = jax.vmap(env.step)(env_keys, runner.env_state, env_action)
+        out = jax.vmap(env.step_with_reset)(key_step, reset, runner.env_state, env_action)
         step = Rollout(runner.obs, action, logp, out.reward, out.terminated, out.truncated, out.final_obs)
         stats = runner.stats.update(out.reward, out.terminated | out.truncated)
         return runner.replace(env_state=out.state, obs=out.obs, stats=stats), step
 
     def iteration(runner: Runner, hp):
-        # All the keys of an iteration from one split, the action noise of the rollout from one
-        # draw: every random-number call site is compiled code of its own.
+        # All the keys of an iteration from one split, the action noise and the envs' resets for
+        # the whole rollout each from one draw: every random-number call site is compiled code of
+        # its own, and on CPU a loop, which inside the rollout's scan would run at every step.
         keys = jax.random.split(runner.key, 3 + a.num_steps * num_envs)
         key, k_noise, k_update = keys[0], keys[1], keys[2]
         env_keys = keys[3:].reshape((a.num_steps, num_envs) + keys.shape[1:])
+        key_step, resets = env.draw_steps(env_keys, (a.num_steps, num_envs))
         noise = agent.action_noise(k_noise, (a.num_steps, num_envs))
-        runner, rollout = jax.lax.scan(env_step, runner, (env_keys, noise))
+        runner, rollout = jax.lax.scan(env_step, runner, (key_step, resets, noise))
         agent_state, metrics = agent.update(runner.agent, rollout, k_update, hp)
         return runner.replace(agent=agent_state, key=key), metrics
 
