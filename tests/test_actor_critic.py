@@ -235,6 +235,30 @@ def test_every_switch_combination_runs_from_one_compile(shared):
     assert len(f.traces) == 1
 
 
+@pytest.mark.parametrize("env", [DISCRETE_ENV, GAUSS_ENV], ids=["discrete", "gaussian"])
+def test_fork_changes_no_value_or_gradient(env, monkeypatch):
+    """networks._fork (the two backward chains released together, a scheduling hint) leaves the
+    loss, its metrics and its gradient as they are without it, bit for bit."""
+    from rlstop import networks
+
+    cfg, agent = make_agent(env)
+    hp = ac.hparams(cfg)
+    params = jax.jit(agent.init)(jax.random.PRNGKey(0), hp).params
+    batch = make_batch(jax.random.PRNGKey(1), env.discrete)
+    aux = jax.jit(make_aux, static_argnums=0)(agent, params, params, batch)
+
+    def grads():
+        custom = str(jax.make_jaxpr(agent.loss)(params, batch, aux, hp)).count("custom_vjp_call")
+        return custom, jax.jit(jax.value_and_grad(agent.loss, has_aux=True))(params, batch, aux, hp)
+
+    n_forked, forked = grads()
+    monkeypatch.setattr(networks, "_fork", lambda pi, v, z: (pi, v))
+    n_plain, plain = grads()
+    assert n_forked == n_plain + 1
+    for x, y in zip(jax.tree.leaves(forked), jax.tree.leaves(plain)):
+        np.testing.assert_array_equal(x, y)
+
+
 def test_update_in_one_scan_equals_nested_scans_bit_for_bit():
     """All epochs' minibatches in one scan (a small batch) or a scan per epoch (a batch whose
     gathered copies would exceed the budget): the same state and metrics, bit for bit."""

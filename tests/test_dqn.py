@@ -267,7 +267,7 @@ def test_two_seeds_have_different_initial_parameters():
     assert not np.allclose(k0[0], k0[1])
 
 
-@pytest.mark.parametrize("m", [6, 2])  # wider than the input (x^T copied) and narrower (g^T copied)
+@pytest.mark.parametrize("m", [6, 2, 1])  # wider than the input (x^T copied), narrower (g^T copied)
 @pytest.mark.parametrize("x_shape", [(5,), (7, 4), (3, 7, 4)])
 def test_dense_matmul_gradients_equal_autodiffs_of_x_at_w(x_shape, m):
     """networks.matmul (every Dense layer's product): the values and both gradients of x @ w,
