@@ -269,7 +269,9 @@ class ActorCritic(nn.Module):
 
     With ``shared_torso`` the two heads read one torso's features, and each head may read them
     through a stop-gradient (traced flags, passed at call time), so that only the other loss
-    trains the torso. With separate torsos the flags change nothing: each head owns its torso.
+    trains the torso. With separate torsos the flags change nothing: each head owns its torso,
+    and the two networks' backward passes are released together (``_fork``), so that XLA's CPU
+    runtime runs them side by side.
     """
 
     action_dim: int
