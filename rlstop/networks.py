@@ -41,7 +41,7 @@ def matmul(x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
     return x @ w
 
 
-NARROW = 2
+NARROW = 2  # heads with at most this many outputs: input gradient as broadcast products
 
 
 def _matmul_fwd(x, w):
@@ -81,8 +81,8 @@ def _fork(pi, v, z):
     so the runtime hands work to a second thread. The reductions' sum times 0 is the cotangent of
     ``z`` (0 times the sum of the value head's bias, see ``ActorCritic``), which keeps them in
     the program and changes no gradient. One PPO CartPole seed on 2 cores: ~7-13% less time per
-    run (``results/bench/cpu.md``); with the heads' input gradients as broadcast products
-    (``matmul``) only.
+    run (``results/bench/cpu.md``), and only together with the heads' input gradients as
+    broadcast products (``matmul``); without them, no gain.
     """
     return pi, v
 
