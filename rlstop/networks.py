@@ -11,6 +11,7 @@ from typing import Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
 
 ACTIVATIONS: dict[str, Callable] = {"relu": nn.relu, "tanh": nn.tanh, "gelu": nn.gelu, "silu": nn.silu}
 
@@ -92,14 +93,10 @@ def _fork_fwd(pi, v, z):
 
 
 def _fork_bwd(_, g):
-    leaves, tree = jax.tree_util.tree_flatten(g)
-    flat = jax.lax.optimization_barrier(jnp.concatenate([x.reshape(-1) for x in leaves]))
-    out, i = [], 0
-    for x in leaves:
-        out.append(flat[i:i + x.size].reshape(x.shape))
-        i += x.size
+    flat, unravel = ravel_pytree(g)
+    flat = jax.lax.optimization_barrier(flat)
     ready = sum(jnp.sum(flat * (k + 1)) for k in range(RUNTIME_SPLIT_THRESHOLD + 1))
-    g_pi, g_v = jax.tree_util.tree_unflatten(tree, out)
+    g_pi, g_v = unravel(flat)
     return g_pi, g_v, 0.0 * ready
 
 

@@ -248,9 +248,10 @@ def run_group(cfgs: list, progress=None, ckpt_dir: str | None = None, compile_on
     # Over several devices (or processes): pad the batch to a multiple of the device count and
     # split it over a mesh; the extra rows are dropped below.
     mesh = parallel.batch_mesh(batch)
-    program = make_program(cfg0, env, varying_keys(hp_axes), parallel.padded_size(batch, mesh))
+    padded = parallel.padded_size(batch, mesh)
+    program = make_program(cfg0, env, varying_keys(hp_axes), padded)
     lay = layout(cfg0, program)
-    keys, hp = parallel.pad(keys, hp, hp_axes, parallel.padded_size(batch, mesh))
+    keys, hp = parallel.pad(keys, hp, hp_axes, padded)
     keys, hp = parallel.place(keys, hp, hp_axes, mesh)
     multihost = jax.process_count() > 1
 
