@@ -73,7 +73,8 @@ class Fixture:
 
     def _update(self, state, rollout, hp):
         self.traces.append(1)
-        return self.agent.update(state, rollout, jax.random.PRNGKey(2), hp)
+        shuffle = jax.random.uniform(jax.random.PRNGKey(2), (self.cfg.num_epochs, B))
+        return self.agent.update(state, rollout, shuffle, hp)
 
     def _all_grads(self, params, batch, aux, hp):
         """Jacobian of (actor_loss, critic_loss, entropy) w.r.t. (params, bootstrap observations)."""
@@ -268,7 +269,7 @@ def test_update_in_one_scan_equals_nested_scans_bit_for_bit():
     hp = ac.hparams(cfg)
     state = jax.jit(flat.init)(jax.random.PRNGKey(0), hp)
     rollout = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), make_batch(jax.random.PRNGKey(1)))
-    key = jax.random.PRNGKey(2)
+    key = jax.random.uniform(jax.random.PRNGKey(2), (cfg.num_epochs, B))  # the shuffles
 
     def scan_lengths(agent):
         jaxpr = jax.make_jaxpr(agent.update)(state, rollout, key, hp)
@@ -300,6 +301,64 @@ def test_target_sync_every_period_and_polyak(shared):
     s2, _ = f.update(s1, f.rollout, hp)                                         # update 2: Polyak 0.5
     for t_new, t_old, p in zip(*(jax.tree.leaves(x) for x in (s2.target_params, f.target, s2.params))):
         np.testing.assert_allclose(t_new, t_old + 0.5 * (p - t_old), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("env", [DISCRETE_ENV, GAUSS_ENV], ids=["discrete", "gaussian"])
+def test_rollout_noise_from_bits_is_gumbel_or_normal_with_shuffles(env):
+    """The scan loop's action noise and minibatch shuffles come from random words: standard
+    Gumbel (mean: Euler's gamma, variance pi^2 / 6) or standard normal noise, and per-epoch
+    shuffle values whose argsort is a permutation of the envs."""
+    cfg = ac.ActorCriticConfig(hidden_sizes=[8], num_steps=T, num_epochs=3, num_minibatches=1)
+    agent = ac.ActorCriticAgent(cfg, env, num_envs=400, total_steps=1000)
+    shape = (250, 400)
+    words = agent.rollout_noise_words(shape)
+    assert words == (250 * 400 + 3 * 400) * agent.network.action_dim
+    bits = jax.random.bits(jax.random.PRNGKey(0), (words,))
+    noise, shuffle = jax.jit(agent.rollout_noise, static_argnums=1)(bits, shape)
+    assert noise.shape == shape + (agent.network.action_dim,) and shuffle.shape == (3, 400)
+    mean, var = (0.5772157, np.pi ** 2 / 6) if env.discrete else (0.0, 1.0)
+    assert np.all(np.isfinite(noise))
+    np.testing.assert_allclose(jnp.mean(noise), mean, atol=0.01)
+    np.testing.assert_allclose(jnp.var(noise), var, rtol=0.01)
+    for order in np.asarray(jnp.argsort(shuffle, axis=1)):
+        assert sorted(order) == list(range(400)) and list(order) != list(range(400))
+    # The extreme words give finite noise (the smallest uniform is clamped above 0, or above -1).
+    edge, _ = agent.rollout_noise(jnp.asarray([0, 2 ** 32 - 1] * (words // 2), jnp.uint32), shape)
+    assert np.all(np.isfinite(edge))
+
+
+def test_scan_stacked_equals_scan():
+    """Metrics through a scan stacked per dtype and shape come back as a plain scan gives them."""
+    from rlstop.agents.scan import scan_stacked
+
+    def f(c, x):
+        return c + x, {"b": c * x, "a": jnp.full((2, 3), x), "n": (x > 2).astype(jnp.int32), "c": -c}
+
+    xs = jnp.arange(5.0)
+    plain, stacked = jax.lax.scan(f, 1.0, xs), scan_stacked(f, 1.0, xs)
+    assert sorted(stacked[1]) == ["a", "b", "c", "n"]
+    np.testing.assert_array_equal(plain[0], stacked[0])
+    for k in plain[1]:
+        assert stacked[1][k].dtype == plain[1][k].dtype
+        np.testing.assert_array_equal(plain[1][k], stacked[1][k])
+
+
+def test_scan_packed_equals_scan():
+    """A scan's outputs through one float vector per step come back as a plain scan gives them:
+    floats, integers and booleans, bit for bit."""
+    from rlstop.agents.scan import scan_packed
+
+    def f(c, x):
+        out = {"obs": jnp.stack([c, -c, x]) / 3.0, "action": (x * 7).astype(jnp.int32) % 5, "done": x > 2.5,
+               "r": (c * x, jnp.full((2, 2), c))}
+        return c * 1.1 + x, out
+
+    xs = jnp.linspace(0.0, 5.0, 7)
+    plain, packed = jax.jit(lambda xs: jax.lax.scan(f, 1.0, xs))(xs), jax.jit(lambda xs: scan_packed(f, 1.0, xs))(xs)
+    assert jax.tree.structure(plain) == jax.tree.structure(packed)
+    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(packed)):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_array_equal(a, b)
 
 
 def test_gaussian_policy_acts_within_bounds_and_greedy_is_the_mean(gaussian):

@@ -329,7 +329,7 @@ def test_evaluation_compiled_apart_scores_the_parameters_at_each_periods_end():
     hp, axes = driver.batch_hparams([cfg])
     program = driver.make_program(cfg, env, driver.varying_keys(axes))
     runner = res.runner
-    keys = jax.vmap(lambda k: jax.random.fold_in(k, 0x5EED))(runner.key)
+    keys = jax.vmap(driver.eval_key)(runner.key)
     direct = jax.jit(jax.vmap(program.evaluate, in_axes=(0, 0, axes)))(runner.agent.params, keys, hp)
     df = res.metrics[0]
     last = df[df.env_steps == df.env_steps.max()].sort_values("seed")

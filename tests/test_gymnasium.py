@@ -67,20 +67,20 @@ def test_gymnax_step_no_reset_is_the_step_before_its_reset():
     assert ends >= 2
 
 
-def test_gymnax_steps_drawn_ahead_equal_step_bit_for_bit():
-    """``draw_steps`` for a whole rollout, then ``step_with_reset`` at each step, gives what
-    ``step`` gives with the same keys, resets included."""
+def test_gymnax_resets_drawn_ahead_equal_step_bit_for_bit():
+    """``draw_resets`` for a whole rollout, then ``step_with_reset`` at each step, gives what
+    ``step_with_keys`` gives with the same keys, resets included."""
     gx = GymnaxEnv("CartPole-v1")
     t, n = 40, 3
-    keys = jax.random.split(jax.random.PRNGKey(0), t * n).reshape(t, n, -1)
+    keys = jax.random.split(jax.random.PRNGKey(0), 2 * t * n).reshape(2, t, n, -1)
     _, state0 = jax.vmap(gx.reset)(jax.random.split(jax.random.PRNGKey(1), n))
     action = jnp.ones(n, jnp.int32)  # always push right: episodes end fast
 
     def rollout(step, xs):
         return jax.lax.scan(lambda s, x: (lambda out: (out.state, out))(jax.vmap(step)(*x, s, action)), state0, xs)[1]
 
-    plain = jax.jit(lambda k: rollout(gx.step, (k,)))(keys)
-    ahead = jax.jit(lambda k: rollout(gx.step_with_reset, gx.draw_steps(k, (t, n))))(keys)
+    plain = jax.jit(lambda k: rollout(gx.step_with_keys, (k[0], k[1])))(keys)
+    ahead = jax.jit(lambda k: rollout(gx.step_with_reset, (k[0], gx.draw_resets(k[1], (t, n)))))(keys)
     assert int(plain.terminated.sum()) >= 3
     for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(ahead)):
         np.testing.assert_array_equal(a, b)

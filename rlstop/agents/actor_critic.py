@@ -50,6 +50,7 @@ from typing import ClassVar, Optional
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
@@ -338,6 +339,34 @@ class ActorCriticAgent:
             return jax.random.gumbel(key, shape + (self.network.action_dim,))
         return jax.random.normal(key, shape + (self.network.action_dim,))
 
+    def rollout_noise_words(self, shape: tuple) -> int:
+        """How many random 32-bit words ``rollout_noise`` takes for a rollout of ``shape`` [T, N]."""
+        return (math.prod(shape) + self.cfg.num_epochs * shape[-1]) * self.network.action_dim
+
+    def rollout_noise(self, bits: jnp.ndarray, shape: tuple) -> tuple:
+        """The randomness of an iteration of the scan loop, from random bits: ``action_noise``
+        for a rollout of ``shape`` [T, N], and the update's minibatch shuffles [num_epochs, N]
+        (iid values whose argsort per epoch is a uniformly random order of the envs).
+
+        ``bits``: ``rollout_noise_words(shape)`` random uint32 words, e.g. the key data of keys
+        the loop splits off anyway. Each random-number call is compiled code of its own, and on
+        CPU a loop: the loop draws an iteration's keys and these bits in one. They become noise
+        as in ``jax.random.gumbel`` and ``jax.random.normal``: a uniform float from the top 23
+        bits of a word (its mantissa), then the inverse of the distribution's CDF.
+        """
+        rows, epochs, envs = math.prod(shape), self.cfg.num_epochs, shape[-1]
+        dim = self.network.action_dim
+        # Floats in [1, 2) from the mantissa bits, minus 1: uniform on [0, 1 - 2^-23].
+        u = jax.lax.bitcast_convert_type((bits >> 9) | np.uint32(0x3F800000), jnp.float32) - 1.0
+        if self.discrete:  # Gumbel: -log(-log(u)), u in [tiny, 1)
+            tiny = np.finfo(np.float32).tiny
+            noise = -jnp.log(-jnp.log(jnp.maximum(tiny, u * (1.0 - tiny) + tiny)))
+        else:  # standard normal: sqrt(2) erfinv(v), v in (-1, 1)
+            lo = np.nextafter(np.float32(-1.0), np.float32(0.0))
+            noise = np.float32(np.sqrt(2.0)) * jax.scipy.special.erfinv(jnp.maximum(lo, u * (1.0 - lo) + lo))
+        noise = noise.reshape(-1, dim)
+        return noise[:rows].reshape(shape + (dim,)), noise[rows:, 0].reshape(epochs, envs)
+
     def act(self, params, obs: jnp.ndarray, noise: jnp.ndarray):
         """Sample actions for a batch [N, *obs_shape] given ``action_noise`` [N, ...]:
         (action as stored, action for the env, log pi(action))."""
@@ -433,11 +462,13 @@ class ActorCriticAgent:
         metrics = {"loss": loss, "grad_norm": grad_norm, **metrics}
         return state.replace(params=params, opt_state=opt_state), metrics
 
-    def update(self, state: ActorCriticState, rollout: Rollout, key: jax.Array, hp):
+    def update(self, state: ActorCriticState, rollout: Rollout, shuffle: jnp.ndarray, hp):
         """Learn from one time-major rollout [T, N]: ``num_epochs`` passes, each in
-        ``num_minibatches`` minibatches of whole env sequences (shuffled over envs); then a
-        target-critic sync if one is due. Returns the state and metrics (per gradient step
-        [epochs, minibatches], and the rollout's values).
+        ``num_minibatches`` minibatches of whole env sequences, in the order of
+        ``argsort(shuffle[epoch])`` (``shuffle`` [num_epochs, N]: iid random values, e.g. from
+        ``rollout_noise``, or ``jax.random.uniform``); then a target-critic sync if one is due.
+        Returns the state and metrics (per gradient step [epochs, minibatches], and the
+        rollout's values).
 
         The gradient steps run as one ``lax.scan`` over all epochs' minibatches, gathered before
         it, when those copies of the rollout fit in ``FLAT_UPDATE_BYTES`` for the whole batch;
@@ -469,8 +500,7 @@ class ActorCriticAgent:
         aux = Aux(v_old, v_target, boot)
         per_mb = n // cfg.num_minibatches
 
-        # One draw for all epochs' shuffles (each random number generator call site costs compile time).
-        perms = jnp.argsort(jax.random.uniform(key, (cfg.num_epochs, n)), axis=1)
+        perms = jnp.argsort(shuffle, axis=1)
 
         def gather(perm, groups):  # the minibatches of the shuffles ``perm`` [..., N]
             return jax.tree.map(lambda x: x[perm].reshape((groups, per_mb) + x.shape[1:]), (data, aux))

@@ -90,7 +90,7 @@ class GymnaxEnv:
     def step_with_reset(self, key_step: jax.Array, reset: tuple, state: Any, action: jnp.ndarray) -> Step:
         """``step_with_keys`` with the reset already drawn: ``reset`` is the (obs, state) the
         episode starts over from if it ends at this step: ``reset(key_reset)``, e.g. drawn ahead
-        for many steps at once (``draw_steps``)."""
+        for many steps at once (``draw_resets``)."""
         last = self.step_no_reset(key_step, state, action)
         done = jnp.logical_or(last.terminated, last.truncated)
         obs_re, state_re = reset
@@ -98,17 +98,16 @@ class GymnaxEnv:
         obs = jax.lax.select(done, obs_re, last.obs)
         return last._replace(obs=obs, state=state)
 
-    def draw_steps(self, keys: jax.Array, batch_shape: tuple) -> tuple:
-        """The randomness of ``step`` for a batch of its keys (``batch_shape``, e.g. a whole rollout
-        [T, N]), drawn ahead: each key's step key, and the (obs, state) its env would reset to.
-        ``step_with_reset`` with them is ``step`` with those keys, bit for bit.
+    def draw_resets(self, keys: jax.Array, batch_shape: tuple) -> tuple:
+        """``reset`` for a batch of keys (``batch_shape``, e.g. a whole rollout [T, N]), in one
+        call: the (obs, state) each env would start over from, drawn ahead for ``step_with_reset``.
+        ``step_with_reset`` with ``reset(key_reset)`` is ``step_with_keys(key_step, key_reset)``,
+        bit for bit.
 
-        Two random-number calls on the whole batch instead of two per step: on CPU each call is a
+        One random-number call on the whole batch instead of one per step: on CPU each call is a
         loop of its own (JAX's threefry), which in a rollout step costs more than the step. The
-        reset draws take about as much memory as the rollout's observations.
+        draws take about as much memory as the rollout's observations.
         """
         flat = keys.reshape((-1,) + keys.shape[len(batch_shape):])
-        pairs = jax.vmap(jax.random.split)(flat)  # [B, 2, ...]: (step, reset), as ``step`` splits
-        resets = jax.vmap(self.reset)(pairs[:, 1])
-        unflat = lambda x: x.reshape(tuple(batch_shape) + x.shape[1:])  # noqa: E731
-        return unflat(pairs[:, 0]), jax.tree.map(unflat, resets)
+        resets = jax.vmap(self.reset)(flat)
+        return jax.tree.map(lambda x: x.reshape(tuple(batch_shape) + x.shape[1:]), resets)

@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from rlstop import config as config_lib
+from rlstop.agents import scan as metric_scan
 from rlstop.envs import make_env, resolve_backend
 from rlstop.train import checkpoints, parallel, runtime
 from rlstop.train.common import Program
@@ -163,9 +164,15 @@ def lower_chunk(program: Program, lay: Layout, runner, hp, hp_axes, mesh=None):
     """The chunk function, traced and lowered for ``runner`` (arrays, or their ``ShapeDtypeStruct``s).
 
     Per evaluation period it returns the block metrics and what the evaluation reads: the
-    parameters at the period's end and the evaluation's key (``None`` for programs without one).
-    The evaluation itself is a function of its own (``lower_evaluate``)."""
+    parameters and the runner's key at the period's end (``None`` for programs without one).
+    The evaluation itself is a function of its own (``lower_evaluate``), which derives its key
+    from the runner's (``eval_key``): a random-number call there rather than in the chunk,
+    whose first compile training waits for.
+
+    Returns the lowered function and the metric names: the block metrics come out stacked
+    (``rlstop.agents.scan``), one array per dtype, ``unstack(arrays, names)`` on the host."""
     blocks_per_chunk = lay.blocks_per_eval * lay.periods_per_chunk
+    groups = []  # the metric names, found when ``chunk`` is traced
 
     def chunk(runner, hp, c):
         def block(r, j):
@@ -173,26 +180,36 @@ def lower_chunk(program: Program, lay: Layout, runner, hp, hp_axes, mesh=None):
                 return program.block(r, hp, c * blocks_per_chunk + j)
             return program.block(r, hp)
 
+        def stacked_block(r, j):
+            r, m = block(r, j)
+            m, groups[:] = metric_scan.stack(m)
+            return r, m
+
         def period(runner, p):
             js = p * lay.blocks_per_eval + jnp.arange(lay.blocks_per_eval)
-            runner, m = jax.lax.scan(block, runner, js)
+            runner, m = jax.lax.scan(stacked_block, runner, js)
             if program.evaluate is None:
                 return runner, (m, None)
-            return runner, (m, (runner.agent.params, jax.random.fold_in(runner.key, 0x5EED)))
+            return runner, (m, (runner.agent.params, runner.key))
 
         return jax.lax.scan(period, runner, jnp.arange(lay.periods_per_chunk))
 
     batch = jax.tree.leaves(runner)[0].shape[0]
     fn = batched(chunk, batch, (0, hp_axes, None))
-    return _lower(fn, (runner, hp, jnp.zeros((), jnp.int32)), hp_axes, mesh, donate=True)
+    return _lower(fn, (runner, hp, jnp.zeros((), jnp.int32)), hp_axes, mesh, donate=True), groups
+
+
+def eval_key(runner_key: jax.Array) -> jax.Array:
+    """The key of the evaluation after a period, from the runner's key at the period's end."""
+    return jax.random.fold_in(runner_key, 0x5EED)
 
 
 def lower_evaluate(program: Program, inputs, hp, hp_axes, mesh=None):
     """The evaluation of a chunk's periods (all at once), traced and lowered for ``inputs``: the
-    (parameters, key) per period that the chunk returns, [batch, periods, ...]."""
+    (parameters, runner key) per period that the chunk returns, [batch, periods, ...]."""
     def evaluate(inputs, hp):
         params, keys = inputs
-        return jax.vmap(lambda p, k: program.evaluate(p, k, hp))(params, keys)
+        return jax.vmap(lambda p, k: program.evaluate(p, eval_key(k), hp))(params, keys)
 
     batch = jax.tree.leaves(inputs)[0].shape[0]
     return _lower(batched(evaluate, batch, (0, hp_axes)), (inputs, hp), hp_axes, mesh)
@@ -262,7 +279,7 @@ def run_group(cfgs: list, progress=None, ckpt_dir: str | None = None, compile_on
     # this one traces and lowers the chunk function for the runner's shapes (Python work).
     pool = concurrent.futures.ThreadPoolExecutor(1)
     init = pool.submit(init_lowered.compile, init_options(_platform(mesh)))
-    chunk = lower_chunk(program, lay, init_lowered.out_info, hp, hp_axes, mesh)
+    chunk, metric_names = lower_chunk(program, lay, init_lowered.out_info, hp, hp_axes, mesh)
     init = init.result()
     runner = init(keys, hp)
     prepare = loop_hook(cfg0, "prepare")
@@ -323,7 +340,8 @@ def run_group(cfgs: list, progress=None, ckpt_dir: str | None = None, compile_on
                 evaluate = evaluate_future.result()[0]
             ev = evaluate(ev_in, hp)
         m, ev = parallel.fetch((m, ev))
-        rows.append({k: np.asarray(v)[:batch].reshape(batch, -1) for k, v in m.items()})
+        m = metric_scan.unstack([np.asarray(v) for v in m], metric_names)
+        rows.append({k: v[:batch].reshape(batch, -1) for k, v in m.items()})
         evals.append(np.asarray(ev)[:batch])
         done = (i + 1) * lay.steps_per_chunk
         if ckpt is not None and every and done % every == 0 and i + 1 < lay.num_chunks:

@@ -488,7 +488,7 @@ class ActorCriticLoop:
         rollout = self.rollout_cls(jnp.zeros((t, n) + shape), jnp.zeros((t,) + dummy[0].shape, dummy[0].dtype),
                                    jnp.zeros((t, n)), jnp.zeros((t, n)), jnp.zeros((t, n), jnp.bool_),
                                    jnp.zeros((t, n), jnp.bool_), jnp.zeros((t, n) + shape))
-        names = jax.eval_shape(self.agent.update, state, rollout, jax.random.PRNGKey(0), hp)[1]
+        names = jax.eval_shape(self.agent.update, state, rollout, self._shuffle(jax.random.PRNGKey(0)), hp)[1]
         acc = {k: jnp.zeros((), jnp.float32) for k in names}
         acc["_count"] = jnp.zeros((), jnp.float32)
         return acc
@@ -498,11 +498,15 @@ class ActorCriticLoop:
         v = self.iters_per_block * self.cfg.agent.num_steps
         return self.agent.action_noise(jax.random.fold_in(act_key, block), (v, self.num_envs))
 
+    def _shuffle(self, key):
+        """The update's minibatch shuffles (``ActorCriticAgent.update``)."""
+        return jax.random.uniform(key, (self.cfg.agent.num_epochs, self.num_envs))
+
     def _learn(self, learner: ACLearner, rollout, fresh, hp) -> ACLearner:
         """The agent's update on one rollout, and the metric sums of the block (the scan loop
         averages every metric over the block's gradient steps, and takes the max of value_max_abs)."""
         key, k_update = jax.random.split(learner.key)
-        state, m = self.agent.update(learner.agent, rollout, k_update, hp)
+        state, m = self.agent.update(learner.agent, rollout, self._shuffle(k_update), hp)
         acc = jax.tree.map(lambda x: jnp.where(fresh, jnp.zeros_like(x), x), learner.acc)
         new = {k: (jnp.maximum(acc[k], jnp.max(v)) if k == "value_max_abs" else acc[k] + jnp.mean(v))
                for k, v in m.items()}

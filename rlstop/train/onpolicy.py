@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from rlstop.agents import freeze
 from rlstop.agents.actor_critic import ActorCriticAgent, ActorCriticState, Rollout
 from rlstop.agents.freeze import check_inputs, prepare  # noqa: F401 - the driver's hooks
+from rlstop.agents.scan import scan_packed, scan_stacked
 from rlstop.errors import UserError
 from rlstop.train.common import EpisodeStats, Program, greedy_returns
 
@@ -75,21 +76,23 @@ def make_program(cfg, env, varying: frozenset = frozenset(), batch: int = 1) -> 
         return runner.replace(env_state=out.state, obs=out.obs, stats=stats), step
 
     def iteration(runner: Runner, hp):
-        # All the keys of an iteration from one split, the action noise and the envs' resets for
-        # the whole rollout each from one draw: every random-number call site is compiled code of
-        # its own, and on CPU a loop, which inside the rollout's scan would run at every step.
-        keys = jax.random.split(runner.key, 3 + a.num_steps * num_envs)
-        key, k_noise, k_update = keys[0], keys[1], keys[2]
-        env_keys = keys[3:].reshape((a.num_steps, num_envs) + keys.shape[1:])
-        key_step, resets = env.draw_steps(env_keys, (a.num_steps, num_envs))
-        noise = agent.action_noise(k_noise, (a.num_steps, num_envs))
-        runner, rollout = jax.lax.scan(env_step, runner, (key_step, resets, noise))
-        agent_state, metrics = agent.update(runner.agent, rollout, k_update, hp)
-        return runner.replace(agent=agent_state, key=key), metrics
+        # Two random-number calls an iteration: the keys (the next iteration's, the envs' step and
+        # reset keys for the whole rollout, and keys whose bits become the action noise and the
+        # update's shuffles), and the envs' resets. Every call site is compiled code of its own,
+        # and on CPU a loop, which inside the rollout's scan would run at every step.
+        shape, steps = (a.num_steps, num_envs), a.num_steps * num_envs
+        words = agent.rollout_noise_words(shape)
+        keys = jax.random.split(runner.key, 1 + 2 * steps + -(-words // 2))
+        env_keys = keys[1:1 + 2 * steps].reshape((2,) + shape + keys.shape[1:])
+        resets = env.draw_resets(env_keys[1], shape)
+        noise, shuffle = agent.rollout_noise(jax.random.key_data(keys[1 + 2 * steps:]).reshape(-1)[:words], shape)
+        runner, rollout = scan_packed(env_step, runner, (env_keys[0], resets, noise))
+        agent_state, metrics = agent.update(runner.agent, rollout, shuffle, hp)
+        return runner.replace(agent=agent_state, key=keys[0]), metrics
 
     def block(runner: Runner, hp):
         runner = runner.replace(stats=runner.stats.new_window())
-        runner, metrics = jax.lax.scan(lambda r, _: iteration(r, hp), runner, None, length=iters_per_block)
+        runner, metrics = scan_stacked(lambda r, _: iteration(r, hp), runner, None, length=iters_per_block)
         out = {k: jnp.mean(v) for k, v in metrics.items() if k != "value_max_abs"}
         out["value_max_abs"] = jnp.max(metrics["value_max_abs"])
         out["episode_return"] = runner.stats.window_mean()
