@@ -183,7 +183,7 @@ def hparams(cfg: ActorCriticConfig) -> dict:
 @flax.struct.dataclass
 class ActorCriticState:
     params: flax.core.FrozenDict
-    target_params: flax.core.FrozenDict  # the target critic (the policy part is carried, unused)
+    target_params: flax.core.FrozenDict  # the target critic (the policy part is carried, unused, never updated)
     opt_state: optax.OptState            # the optimizer's state for the parameters as flat vectors (``_flat``)
     updates: jnp.ndarray                 # updates (rollouts learned from) so far
 
@@ -223,6 +223,11 @@ class Aux:
     v_old: jnp.ndarray      # V(s) at collection time (PPO2 value clipping)
     v_target: jnp.ndarray   # V'(s') from the target critic (used when target_network is on)
     boot: Bootstrap
+
+
+def _is_critic(path) -> bool:
+    """Whether a parameter (its path in ``ActorCritic``'s tree) is read by ``ActorCritic.value``."""
+    return any(getattr(k, "key", None) in ("torso", "critic_torso", "value_head") for k in path)
 
 
 def bootstrap_rows(final_obs: jnp.ndarray, truncated: jnp.ndarray, k: int) -> Bootstrap:
@@ -515,9 +520,11 @@ class ActorCriticAgent:
         else:
             state, metrics = jax.lax.scan(lambda s, perm: steps(s, gather(perm, cfg.num_minibatches)), state, perms)
         updates = state.updates + 1
-        # Polyak step of size tau when a sync is due (tau = 1: hard copy), else unchanged.
+        # Polyak step of size tau when a sync is due (tau = 1: hard copy), else unchanged; for the
+        # critic's parameters only: the policy part of the target is never read.
         step = jnp.where(jnp.mod(updates, hp["target_update_period"]) == 0, hp["target_tau"], 0.0)
-        target_params = jax.tree.map(lambda tp, p: tp + step * (p - tp), state.target_params, state.params)
+        target_params = jax.tree_util.tree_map_with_path(
+            lambda path, tp, p: tp + step * (p - tp) if _is_critic(path) else tp, state.target_params, state.params)
         # In reward units (the critic learns scaled rewards), so that the soft-divergence bound
         # r_max / (1 - gamma) applies as it stands.
         metrics["value_mean"] = jnp.mean(v_old) / hp["reward_scale"]
