@@ -269,10 +269,10 @@ def test_update_in_one_scan_equals_nested_scans_bit_for_bit():
     hp = ac.hparams(cfg)
     state = jax.jit(flat.init)(jax.random.PRNGKey(0), hp)
     rollout = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), make_batch(jax.random.PRNGKey(1)))
-    key = jax.random.uniform(jax.random.PRNGKey(2), (cfg.num_epochs, B))  # the shuffles
+    shuffle = jax.random.uniform(jax.random.PRNGKey(2), (cfg.num_epochs, B))
 
     def scan_lengths(agent):
-        jaxpr = jax.make_jaxpr(agent.update)(state, rollout, key, hp)
+        jaxpr = jax.make_jaxpr(agent.update)(state, rollout, shuffle, hp)
         found = []
 
         def walk(j):
@@ -287,7 +287,7 @@ def test_update_in_one_scan_equals_nested_scans_bit_for_bit():
     # (T = 6 is the lambda-returns' scan)
     assert 8 in scan_lengths(flat) and 8 not in scan_lengths(nested)  # 4 x 2 steps in one scan
     assert {4, 2} <= set(scan_lengths(nested))  # 4 epochs of 2 minibatches
-    outs = [jax.jit(a.update)(state, rollout, key, hp) for a in (flat, nested)]
+    outs = [jax.jit(a.update)(state, rollout, shuffle, hp) for a in (flat, nested)]
     for x, y in zip(*(jax.tree.leaves(o) for o in outs)):
         np.testing.assert_array_equal(x, y)
 

@@ -49,7 +49,7 @@ def scan_packed(f: Callable, init, xs=None, length: int | None = None):
     through the scan as one float vector (booleans as 0 and 1, integers as floats: exact below
     2^24, e.g. discrete actions), so that each step writes one output buffer rather than one per
     array. Returns the carry and the outputs as a plain scan does, the same values."""
-    spec = []  # (treedef, shapes, dtypes, float dtype), found when ``f`` is traced
+    spec = []  # [treedef, shapes, dtypes] of the outputs, found when ``f`` is traced
 
     def body(carry, x):
         carry, out = f(carry, x)
