@@ -280,6 +280,7 @@ class ActorCritic(nn.Module):
 
     GAINS = {"policy_head": 0.01, "value_head": 1.0}  # orthogonal-init gain per layer; sqrt(2) elsewhere
     TORSO_GAIN = 2.0 ** 0.5
+    CRITIC_PARTS = ("torso", "critic_torso", "value_head")  # the submodules ``value`` reads
 
     def setup(self):
         torso = lambda name: MLP(self.hidden_sizes, self.activation, self.layer_norm,  # noqa: E731

@@ -227,7 +227,7 @@ class Aux:
 
 def _is_critic(path) -> bool:
     """Whether a parameter (its path in ``ActorCritic``'s tree) is read by ``ActorCritic.value``."""
-    return any(getattr(k, "key", None) in ("torso", "critic_torso", "value_head") for k in path)
+    return any(getattr(k, "key", None) in ActorCritic.CRITIC_PARTS for k in path)
 
 
 def bootstrap_rows(final_obs: jnp.ndarray, truncated: jnp.ndarray, k: int) -> Bootstrap:

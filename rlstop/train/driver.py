@@ -170,7 +170,8 @@ def lower_chunk(program: Program, lay: Layout, runner, hp, hp_axes, mesh=None):
     whose first compile training waits for.
 
     Returns the lowered function and the metric names: the block metrics come out stacked
-    (``rlstop.agents.scan``), one array per dtype, ``unstack(arrays, names)`` on the host."""
+    (``rlstop.agents.scan``), one array per dtype and shape, ``unstack(arrays, names)`` on the
+    host."""
     blocks_per_chunk = lay.blocks_per_eval * lay.periods_per_chunk
     groups = []  # the metric names, found when ``chunk`` is traced
 
