@@ -294,8 +294,9 @@ def test_dense_matmul_gradients_equal_autodiffs_of_x_at_w(x_shape, m):
 
 @pytest.mark.parametrize("path", ["configs/dqn_cartpole.yaml", "configs/ppo_pendulum.yaml"])
 def test_init_compiled_with_the_older_cpu_emitters_gives_the_same_state(path):
-    """The driver compiles the init function with init_options (faster to compile):
-    the state must be the one the default options give, bit for bit."""
+    """The driver compiles the init function with init_options (the older emitters, LLVM code in
+    one piece: faster to compile, and on one thread): the state must be the one the default
+    options give, bit for bit."""
     from rlstop.envs import make_env
     from rlstop.train import driver
 

@@ -237,8 +237,16 @@ def init_options(platform: str) -> dict | None:
     """The init function runs once: on CPU, XLA's older fusion emitters compile it in ~60% of the
     time of the default ones (CartPole DQN 0.59 -> 0.30-0.37 s, PPO 0.73-0.90 -> 0.46-0.59 s) and
     give the same state, bit for bit. The chunk keeps the default emitters unless
-    ``$RLSTOP_FAST_COMPILE`` is on (``rlstop.train.runtime``): their code runs faster."""
-    return runtime.compiler_options(platform, always_fast=True)
+    ``$RLSTOP_FAST_COMPILE`` is on (``rlstop.train.runtime``): their code runs faster.
+
+    Its LLVM code is also generated in one piece (``xla_cpu_parallel_codegen_split_count=1``),
+    on one thread rather than on XLA's codegen pool: it compiles while ``run_group`` traces the
+    chunk function, which is one thread's work, and a compile on every core slows that tracing.
+    The same state, bit for bit."""
+    options = runtime.compiler_options(platform, always_fast=True)
+    if platform == "cpu":
+        options = {**(options or {}), "xla_cpu_parallel_codegen_split_count": 1}
+    return options
 
 
 def run_group(cfgs: list, progress=None, ckpt_dir: str | None = None, compile_only: bool = False) -> GroupResult:
