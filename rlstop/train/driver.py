@@ -243,10 +243,7 @@ def init_options(platform: str) -> dict | None:
     on one thread rather than on XLA's codegen pool: it compiles while ``run_group`` traces the
     chunk function, which is one thread's work, and a compile on every core slows that tracing.
     The same state, bit for bit."""
-    options = runtime.compiler_options(platform, always_fast=True)
-    if platform == "cpu":
-        options = {**(options or {}), "xla_cpu_parallel_codegen_split_count": 1}
-    return options
+    return runtime.compiler_options(platform, always_fast=True, one_piece=True)
 
 
 def run_group(cfgs: list, progress=None, ckpt_dir: str | None = None, compile_only: bool = False) -> GroupResult:

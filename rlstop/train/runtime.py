@@ -82,9 +82,10 @@ from rlstop.errors import UserError
 ENV = "RLSTOP_COMPILATION_CACHE"
 DEVICES_ENV = "RLSTOP_CPU_DEVICES"
 FAST_COMPILE_ENV = "RLSTOP_FAST_COMPILE"
-# XLA compile options, by platform: always (4), and with fast compiles.
+# XLA compile options, by platform: always (4), with fast compiles, and in one piece.
 DEFAULT_OPTIONS = {"cpu": {"xla_backend_optimization_level": 2}}
 OLDER_EMITTERS = {"cpu": {"xla_cpu_use_fusion_emitters": False}}
+ONE_PIECE = {"cpu": {"xla_cpu_parallel_codegen_split_count": 1}}  # LLVM code in one piece, on one thread
 # XLA backend options (4), which XLA reads from $XLA_FLAGS only.
 BACKEND_OPTIONS = "xla_cpu_disable_tiled_emitter=true,xla_cpu_disable_loop_unrolling=true"
 OFF = {"off", "0", "false", "no", "none"}
@@ -169,12 +170,14 @@ def configure() -> str | None:
     return path
 
 
-def compiler_options(platform: str, *, always_fast: bool = False) -> dict | None:
+def compiler_options(platform: str, *, always_fast: bool = False, one_piece: bool = False) -> dict | None:
     """XLA options for compiling a function for ``platform`` (None: XLA's defaults): LLVM at -O2 on
     CPU, plus the older CPU fusion emitters when ``always_fast`` (a function that runs once) or
-    ``$RLSTOP_FAST_COMPILE`` is on."""
+    ``$RLSTOP_FAST_COMPILE`` is on, and with ``one_piece`` the CPU code generated in one piece on
+    one thread rather than split over XLA's codegen pool (a compile that overlaps other work)."""
     fast = always_fast or os.environ.get(FAST_COMPILE_ENV, "").strip().lower() not in ("", *OFF)
-    options = {**DEFAULT_OPTIONS.get(platform, {}), **(OLDER_EMITTERS.get(platform, {}) if fast else {})}
+    options = {**DEFAULT_OPTIONS.get(platform, {}), **(OLDER_EMITTERS.get(platform, {}) if fast else {}),
+               **(ONE_PIECE.get(platform, {}) if one_piece else {})}
     return options or None
 
 
